@@ -1,0 +1,1 @@
+"""Fused kernels of ibtpo_fast (installed as `ibtpo_fast.kernels`)."""
