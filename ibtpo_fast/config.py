@@ -1,0 +1,254 @@
+"""Typed run configuration: dataclasses are the source of truth.
+
+`--config file.yaml` plus dotted overrides (`algo.beta=5 rollout.tree=4,9,1,1 train.steps=50`);
+`preset=grpo` selects one of the paper's comparisons before the file and overrides apply.
+Every value is checked before any work starts, with the offending key in the message.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""  # HF checkpoint dir; empty: the bundled tiny model
+    dtype: str = "float32"
+    device: str = "auto"  # auto: cuda when available
+
+
+@dataclass
+class DataConfig:
+    task: str = "arithmetic"  # bundled task, or "file" with train_files
+    train_files: str = ""  # jsonl / parquet (verl format or {"prompt", "answer"})
+    val_files: str = ""
+    reward_fn: str = ""  # module:function in verl's compute_score contract; empty: the task's
+    batch_size: int = 16  # prompts (trees) per step
+    max_prompt_tokens: int = 256
+    val_size: int = 128
+    seed: int = 0
+
+
+@dataclass
+class RolloutConfig:
+    strategy: str = "ib"  # ib | independent | random | entropy
+    tree: str = "4,9,1,1"  # B0,L,K,B
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    step_delimiter: str = "\n"
+    min_step_tokens: int = 1
+    token_budget: int = 0  # per tree; 0: no budget
+    max_cache_tokens: int = 1_000_000
+    reward_timeout_s: float = 10.0
+
+
+@dataclass
+class AlgoConfig:
+    beta: float = 5.0
+    lam: float = 0.1
+    eps: float = 1e-6
+    step_prob: str = "geomean"
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    kl_coef: float = 0.001
+    entropy_coef: float = 0.0
+    loss_agg: str = "token-mean"  # token-mean | seq-mean-token-mean
+    prefix_weighting: str = "none"  # none | sqrt
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 40
+    lr: float = 2e-4
+    warmup_steps: int = 2
+    lr_schedule: str = "constant"  # constant | cosine
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ppo_epochs: int = 1
+    mini_batches: int = 1
+    seed: int = 0
+    eval_k: int = 4  # samples per held-out problem: avg@k and pass@k
+    eval_every: int = 0  # steps; 0: before and after training only
+    max_bad_steps: int = 3  # NaN/inf steps in a row before aborting
+
+
+@dataclass
+class RunConfig:
+    name: str = "ibtpo-arithmetic"
+    out_dir: str = "runs"
+    resume: str = "auto"  # auto | never
+    save_every: int = 10
+    keep_last: int = 2
+    tensorboard: bool = False
+    wandb: bool = False
+    progress: str = "auto"  # auto (a bar on a TTY) | on | off
+
+
+@dataclass
+class Config:
+    preset: str = "ibtpo"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+# The paper's comparisons (ALGORITHM.md sections 3 and 5), applied over the defaults.
+PRESETS: dict[str, dict[str, Any]] = {
+    "ibtpo": {},
+    "grpo": {"rollout.strategy": "independent", "rollout.tree": "8,1,1,1", "algo.lam": 0.0},
+    "grpo_clip_higher": {"rollout.strategy": "independent", "rollout.tree": "8,1,1,1", "algo.lam": 0.0,
+                         "algo.clip_high": 0.28},
+    "grpo_entropy": {"rollout.strategy": "independent", "rollout.tree": "8,1,1,1", "algo.lam": 0.0,
+                     "algo.entropy_coef": 0.001},
+    "random_tree": {"rollout.strategy": "random", "algo.lam": 0.0},
+    "entropy_tree": {"rollout.strategy": "entropy", "algo.lam": 0.0},
+}
+
+_CHOICES = {
+    "rollout.strategy": ("ib", "independent", "random", "entropy"),
+    "algo.step_prob": ("geomean", "product"),
+    "algo.loss_agg": ("token-mean", "seq-mean-token-mean"),
+    "algo.prefix_weighting": ("none", "sqrt"),
+    "train.lr_schedule": ("constant", "cosine"),
+    "run.resume": ("auto", "never"),
+    "run.progress": ("auto", "on", "off"),
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "data.task": ("arithmetic", "file"),
+}
+_POSITIVE = {"data.batch_size", "data.max_prompt_tokens", "rollout.max_new_tokens", "rollout.temperature",
+             "rollout.top_p", "rollout.max_cache_tokens", "rollout.reward_timeout_s", "algo.beta",
+             "train.ppo_epochs", "train.mini_batches", "train.eval_k", "train.max_bad_steps",
+             "run.keep_last", "run.save_every", "data.val_size"}
+_NON_NEGATIVE = {"algo.lam", "algo.eps", "algo.clip_low", "algo.clip_high", "algo.kl_coef", "algo.entropy_coef",
+                 "train.steps", "train.lr", "train.warmup_steps", "train.weight_decay", "train.grad_clip",
+                 "train.eval_every", "rollout.token_budget", "rollout.min_step_tokens"}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _coerce(key: str, raw: Any, typ: Any) -> Any:
+    if isinstance(raw, str) and typ is not str:
+        raw = yaml.safe_load(raw) if raw != "" else raw
+    try:
+        if typ is bool:
+            if not isinstance(raw, bool):
+                raise TypeError
+            return raw
+        if typ is int:
+            if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+                raise TypeError
+            return int(raw)
+        if typ is float:
+            return float(raw)
+        if typ is str:
+            return ",".join(str(x) for x in raw) if isinstance(raw, (list, tuple)) else str(raw)
+    except (TypeError, ValueError):
+        pass
+    raise ConfigError(f"{key}: expected {typ.__name__}, got {raw!r}")
+
+
+def set_value(cfg: Config, key: str, raw: Any) -> None:
+    """Set a dotted key (`algo.beta`) on cfg, converting to the field's declared type."""
+    obj, parts = cfg, key.split(".")
+    for part in parts[:-1]:
+        if not dataclasses.is_dataclass(obj) or part not in {f.name for f in dataclasses.fields(obj)}:
+            raise ConfigError(f"unknown config key {key!r}")
+        obj = getattr(obj, part)
+    hints = typing.get_type_hints(type(obj)) if dataclasses.is_dataclass(obj) else {}
+    name = parts[-1]
+    if name not in hints or dataclasses.is_dataclass(getattr(obj, name)):
+        raise ConfigError(f"unknown config key {key!r}")
+    setattr(obj, name, _coerce(key, raw, hints[name]))
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def load_config(args: Sequence[str] = ()) -> Config:
+    """Build a Config from `--config file.yaml`, `preset=NAME` and `dotted.key=value` arguments."""
+    args = list(args)
+    values: dict[str, Any] = {}
+    while args:
+        arg = args.pop(0)
+        if arg == "--config":
+            if not args:
+                raise ConfigError("--config needs a file path")
+            path = Path(args.pop(0))
+            if not path.is_file():
+                raise ConfigError(f"--config: no such file {path}")
+            values.update(_flatten(yaml.safe_load(path.read_text()) or {}))
+        elif "=" in arg:
+            key, raw = arg.split("=", 1)
+            values[key.lstrip("-")] = raw
+        else:
+            raise ConfigError(f"cannot read argument {arg!r}: expected key=value or --config FILE")
+    cfg = Config()
+    preset = str(values.pop("preset", "ibtpo"))
+    if preset not in PRESETS:
+        raise ConfigError(f"preset: unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    cfg.preset = preset
+    for key, raw in {**PRESETS[preset], **values}.items():
+        set_value(cfg, key, raw)
+    validate(cfg)
+    return cfg
+
+
+def _get(cfg: Config, key: str) -> Any:
+    obj = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def validate(cfg: Config) -> None:
+    from ibtpo_fast.sampler import TreeSpec
+
+    for key, choices in _CHOICES.items():
+        if _get(cfg, key) not in choices:
+            raise ConfigError(f"{key}: {_get(cfg, key)!r} is not one of {', '.join(choices)}")
+    for key in _POSITIVE:
+        if not _get(cfg, key) > 0:
+            raise ConfigError(f"{key}: must be > 0, got {_get(cfg, key)}")
+    for key in _NON_NEGATIVE:
+        if not _get(cfg, key) >= 0:
+            raise ConfigError(f"{key}: must be >= 0, got {_get(cfg, key)}")
+    if cfg.rollout.top_p > 1:
+        raise ConfigError(f"rollout.top_p: must be in (0, 1], got {cfg.rollout.top_p}")
+    if cfg.rollout.top_k == 0 or cfg.rollout.top_k < -1:
+        raise ConfigError(f"rollout.top_k: must be -1 (off) or >= 1, got {cfg.rollout.top_k}")
+    try:
+        spec = TreeSpec.parse(cfg.rollout.tree)
+    except ValueError as e:
+        raise ConfigError(f"rollout.tree: {e}") from None
+    if cfg.rollout.strategy == "independent" and spec.L != 1:
+        raise ConfigError(f"rollout.tree: strategy 'independent' needs L = 1, got {cfg.rollout.tree}")
+    if cfg.data.task == "file" and not cfg.data.train_files:
+        raise ConfigError("data.train_files: required when data.task=file")
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

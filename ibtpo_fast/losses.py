@@ -1,0 +1,80 @@
+"""Policy loss (ALGORITHM.md section 5) and its token aggregation, in one registry.
+
+Every aggregation mode is a per-token coefficient c_t with loss = sum_t c_t * loss_t, so the
+flattened-trajectory batch and a tree-packed batch (where a token stands for every trajectory
+through it) share one loss function.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+# mode -> (token mask [N], sequence id [N], number of sequences) -> coefficient [N]
+Aggregation = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+
+def _token_mean(mask: torch.Tensor, seq: torch.Tensor, num_seqs: int) -> torch.Tensor:
+    return mask / mask.sum().clamp(min=1)
+
+
+def _seq_mean_token_mean(mask: torch.Tensor, seq: torch.Tensor, num_seqs: int) -> torch.Tensor:
+    lengths = torch.zeros(num_seqs, dtype=mask.dtype, device=mask.device).index_add_(0, seq, mask)
+    return mask / (lengths[seq].clamp(min=1) * num_seqs)
+
+
+AGGREGATIONS: dict[str, Aggregation] = {
+    "token-mean": _token_mean,
+    "seq-mean-token-mean": _seq_mean_token_mean,
+}
+
+
+def token_coefficients(mode: str, mask: torch.Tensor, seq: torch.Tensor, num_seqs: int) -> torch.Tensor:
+    if mode not in AGGREGATIONS:
+        raise ValueError(f"unknown loss aggregation {mode!r}; choose one of {', '.join(AGGREGATIONS)}")
+    return AGGREGATIONS[mode](mask.float(), seq, num_seqs)
+
+
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Schulman's k3 estimator of KL(pi || ref): exp(ref - logp) - (ref - logp) - 1 >= 0."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+def ppo_clip_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    coef: torch.Tensor,
+    *,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    ref_logp: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    entropy: torch.Tensor | None = None,
+    entropy_coef: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Token-level PPO clip objective with optional k3 KL and entropy bonus; all inputs [N]."""
+    ratio = torch.exp(logp - old_logp)
+    unclipped = ratio * advantages
+    clipped = ratio.clamp(1 - clip_low, 1 + clip_high) * advantages
+    per_token = -torch.minimum(unclipped, clipped)
+    stats = {"actor/pg_clipfrac": _wmean((clipped < unclipped).float(), coef)}
+    stats["actor/pg_loss"] = _wmean(per_token, coef)
+    if kl_coef > 0:
+        if ref_logp is None:
+            raise ValueError("kl_coef > 0 needs ref_logp")
+        kl = kl_k3(logp, ref_logp)
+        per_token = per_token + kl_coef * kl
+        stats["actor/kl"] = _wmean(kl, coef)
+    if entropy is not None:
+        stats["actor/entropy"] = _wmean(entropy, coef)
+        if entropy_coef > 0:
+            per_token = per_token - entropy_coef * entropy
+    stats["actor/ratio_max"] = float(ratio.detach().max()) if ratio.numel() else 1.0
+    return (coef * per_token).sum(), stats
+
+
+def _wmean(x: torch.Tensor, coef: torch.Tensor) -> float:
+    total = coef.sum()
+    return float((x.detach() * coef).sum() / total) if total > 0 else 0.0

@@ -1,0 +1,23 @@
+"""Reward functions for the reward tests; module-level so spawned workers can import them."""
+import time
+
+
+def exact(data_source, solution_str, ground_truth, extra_info=None):
+    return float(solution_str.strip() == ground_truth)
+
+
+def tricky(data_source, solution_str, ground_truth, extra_info=None):
+    """Exact match, except for inputs that exercise each failure mode."""
+    if solution_str == "boom":
+        raise RuntimeError("reward exploded")
+    if solution_str == "hang":
+        time.sleep(60)
+    if solution_str == "nan":
+        return float("nan")
+    if solution_str == "text":
+        return "1.0"
+    if solution_str == "dict":
+        return {"score": 0.5, "acc": True}
+    if solution_str == "nodict":
+        return {"acc": 1.0}
+    return exact(data_source, solution_str, ground_truth, extra_info)
