@@ -2,7 +2,7 @@
 
 Every aggregation mode is a per-token coefficient c_t with loss = sum_t c_t * loss_t, so the
 flattened-trajectory batch and a tree-packed batch (where a token stands for every trajectory
-through it) share one loss function.
+through it) share one loss function and give the same loss.
 """
 from __future__ import annotations
 
@@ -10,17 +10,17 @@ from typing import Callable
 
 import torch
 
-# mode -> (token mask [N], sequence id [N], number of sequences) -> coefficient [N]
+# mode -> (mult [N], seq_share [N], number of trajectories) -> coefficient [N], where a loss token
+# stands for `mult` trajectory tokens and seq_share = sum over them of 1 / trajectory length.
 Aggregation = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
-def _token_mean(mask: torch.Tensor, seq: torch.Tensor, num_seqs: int) -> torch.Tensor:
-    return mask / mask.sum().clamp(min=1)
+def _token_mean(mult: torch.Tensor, seq_share: torch.Tensor, num_traj: int) -> torch.Tensor:
+    return mult / mult.sum().clamp(min=1)
 
 
-def _seq_mean_token_mean(mask: torch.Tensor, seq: torch.Tensor, num_seqs: int) -> torch.Tensor:
-    lengths = torch.zeros(num_seqs, dtype=mask.dtype, device=mask.device).index_add_(0, seq, mask)
-    return mask / (lengths[seq].clamp(min=1) * num_seqs)
+def _seq_mean_token_mean(mult: torch.Tensor, seq_share: torch.Tensor, num_traj: int) -> torch.Tensor:
+    return seq_share / max(num_traj, 1)
 
 
 AGGREGATIONS: dict[str, Aggregation] = {
@@ -29,10 +29,10 @@ AGGREGATIONS: dict[str, Aggregation] = {
 }
 
 
-def token_coefficients(mode: str, mask: torch.Tensor, seq: torch.Tensor, num_seqs: int) -> torch.Tensor:
+def token_coefficients(mode: str, mult: torch.Tensor, seq_share: torch.Tensor, num_traj: int) -> torch.Tensor:
     if mode not in AGGREGATIONS:
         raise ValueError(f"unknown loss aggregation {mode!r}; choose one of {', '.join(AGGREGATIONS)}")
-    return AGGREGATIONS[mode](mask.float(), seq, num_seqs)
+    return AGGREGATIONS[mode](mult.float(), seq_share.float(), num_traj)
 
 
 def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:

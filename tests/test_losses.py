@@ -12,8 +12,7 @@ def test_loss_equals_hand_computation():
     old = torch.tensor([-1.2, -0.5, -1.5, -0.1])
     adv = torch.tensor([1.0, -1.0, 2.0, -0.5])
     ref = torch.tensor([-1.1, -0.4, -1.8, -0.3])
-    seq = torch.tensor([0, 0, 1, 1])
-    coef = token_coefficients("token-mean", torch.ones(4), seq, 2)
+    coef = token_coefficients("token-mean", torch.ones(4), torch.full((4,), 0.5), 2)
     loss, stats = ppo_clip_loss(logp, old, adv, coef, clip_low=0.2, clip_high=0.28, ref_logp=ref, kl_coef=0.1)
     want = 0.0
     clipped = 0
@@ -28,12 +27,15 @@ def test_loss_equals_hand_computation():
 
 
 def test_seq_mean_token_mean_weights_each_sequence_equally():
-    seq = torch.tensor([0, 0, 0, 1])
-    coef = token_coefficients("seq-mean-token-mean", torch.ones(4), seq, 2)
+    # Two trajectories of 3 and 1 tokens: each token's share is 1 / its trajectory's length.
+    share = torch.tensor([1 / 3, 1 / 3, 1 / 3, 1.0])
+    coef = token_coefficients("seq-mean-token-mean", torch.ones(4), share, 2)
     assert coef.tolist() == pytest.approx([1 / 6, 1 / 6, 1 / 6, 1 / 2])
-    assert token_coefficients("token-mean", torch.ones(4), seq, 2).tolist() == pytest.approx([0.25] * 4)
+    assert token_coefficients("token-mean", torch.ones(4), share, 2).tolist() == pytest.approx([0.25] * 4)
+    # A shared token standing for two trajectories counts twice under token-mean.
+    assert token_coefficients("token-mean", torch.tensor([2.0, 1.0, 1.0]), share[:3], 2).tolist() == pytest.approx([0.5, 0.25, 0.25])
     with pytest.raises(ValueError, match="unknown loss aggregation"):
-        token_coefficients("sum", torch.ones(4), seq, 2)
+        token_coefficients("sum", torch.ones(4), share, 2)
 
 
 def test_gradient_raises_logprob_of_positive_advantage():
