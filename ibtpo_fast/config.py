@@ -6,6 +6,7 @@ Every value is checked before any work starts, with the offending key in the mes
 """
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import typing
 from dataclasses import dataclass, field
@@ -77,6 +78,7 @@ class TrainConfig:
     eval_k: int = 4  # samples per held-out problem: avg@k and pass@k
     eval_every: int = 0  # steps; 0: before and after training only
     max_bad_steps: int = 3  # NaN/inf steps in a row before aborting
+    layout: str = "auto"  # tree (tree-packed) | flat (one row per trajectory) | auto: tree where supported
 
 
 @dataclass
@@ -124,6 +126,7 @@ _CHOICES = {
     "run.progress": ("auto", "on", "off"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "data.task": ("arithmetic", "file"),
+    "train.layout": ("auto", "tree", "flat"),
 }
 _POSITIVE = {"data.batch_size", "data.max_prompt_tokens", "rollout.max_new_tokens", "rollout.temperature",
              "rollout.top_p", "rollout.max_cache_tokens", "rollout.reward_timeout_s", "algo.beta",
@@ -159,8 +162,14 @@ def _coerce(key: str, raw: Any, typ: Any) -> Any:
     raise ConfigError(f"{key}: expected {typ.__name__}, got {raw!r}")
 
 
+# Keys whose command-line value may spell control characters as escapes: rollout.step_delimiter='\n\n'
+_ESCAPED = {"rollout.step_delimiter"}
+
+
 def set_value(cfg: Config, key: str, raw: Any) -> None:
     """Set a dotted key (`algo.beta`) on cfg, converting to the field's declared type."""
+    if key in _ESCAPED and isinstance(raw, str):
+        raw = codecs.decode(raw, "unicode_escape")
     obj, parts = cfg, key.split(".")
     for part in parts[:-1]:
         if not dataclasses.is_dataclass(obj) or part not in {f.name for f in dataclasses.fields(obj)}:

@@ -100,6 +100,13 @@ class IBTreeSampler:
         self._rng = np.random.default_rng(config.seed)
         self._requests_made = 0
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": self._rng.bit_generator.state, "requests_made": self._requests_made}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._rng.bit_generator.state = state["rng"]
+        self._requests_made = state["requests_made"]
+
     def sample(self, prompts: Sequence[Sequence[int]]) -> Rollout:
         if len(prompts) == 0:
             raise ValueError("prompts is empty")

@@ -1,0 +1,54 @@
+"""Held-out evaluation: avg@k and unbiased pass@k per data source."""
+from __future__ import annotations
+
+from collections import defaultdict
+from math import comb
+from typing import Any, Sequence
+
+import numpy as np
+
+from ibtpo_fast.engines.protocol import Engine, Request, SamplingParams
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct: 1 - C(n - c, k) / C(n, k)."""
+    if k > n:
+        raise ValueError(f"pass@{k} needs at least {k} samples, got {n}")
+    return 1.0 - comb(n - c, k) / comb(n, k)
+
+
+def evaluate(
+    engine: Engine,
+    tokenizer: Any,
+    prompts: Sequence[Sequence[int]],
+    rows: Sequence[Any],
+    scorer: Any,
+    *,
+    k: int,
+    max_new_tokens: int,
+    sampling: SamplingParams,
+    stop_token_ids: Sequence[int] = (),
+    seed: int = 0,
+) -> dict[str, float]:
+    """Sample k responses per prompt; score them; report `val-core/<source>/acc/mean@k` and pass@k."""
+    requests = [
+        Request(list(p), max_new_tokens, SamplingParams(sampling.temperature, sampling.top_p, sampling.top_k,
+                                                          seed * 1_000_003 + i * k + j), tuple(stop_token_ids))
+        for i, p in enumerate(prompts) for j in range(k)
+    ]
+    completions = engine.generate(requests)
+    texts = tokenizer.batch_decode([c.token_ids.tolist() for c in completions], skip_special_tokens=True)
+    expand = [rows[i // k] for i in range(len(requests))]
+    scores = np.asarray(scorer([r.data_source for r in expand], texts, [r.ground_truth for r in expand],
+                               [r.extra_info for r in expand]), np.float64)
+    scores[[c.finish_reason == "length" for c in completions]] = 0.0  # truncated responses score 0
+    per_source: dict[str, list[np.ndarray]] = defaultdict(list)
+    for i, row in enumerate(rows):
+        per_source[row.data_source].append(scores[i * k : (i + 1) * k])
+    out = {}
+    for source, groups in per_source.items():
+        g = np.stack(groups)
+        out[f"val-core/{source}/acc/mean@{k}"] = float(g.mean())
+        out[f"val-core/{source}/acc/pass@{k}"] = float(np.mean([pass_at_k(k, int((x > 0.5).sum()), k) for x in g]))
+        out[f"val-core/{source}/acc/pass@1"] = float(np.mean([pass_at_k(k, int((x > 0.5).sum()), 1) for x in g]))
+    return out
