@@ -1,0 +1,158 @@
+"""Multi-step integer arithmetic: a small reasoning task with one computation per step.
+
+A problem is an expression over `+`, `-`, `*` with the usual precedence, e.g. prompt
+"12+7*3-5=?\\n". Its solution evaluates one operation per line (products first, left to right,
+then sums left to right) and ends with the answer line:
+
+    7*3=21
+    12+21=33
+    33-5=28
+    A:28
+
+Every intermediate result lies in [0, max_result]: expressions that would go negative or grow
+past the cap are redrawn, so a tiny character-level model never has to write a minus sign in a
+result or handle long numbers. The defaults (2-3 operations, operands 1..9, results up to 99)
+are sized for the bundled tiny model.
+
+Train and test problems are told apart by a CRC32 hash of the prompt, so the splits are disjoint
+for every seed and identical on every machine.
+"""
+from __future__ import annotations
+
+import random
+import re
+import zlib
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Iterator
+
+DATA_SOURCE = "arithmetic"
+STEP_DELIMITER = "\n"
+ANSWER_PREFIX = "A:"
+_TEST_BUCKETS = 5  # one prompt in five belongs to the test split
+_OPS = "+-*"
+
+
+@dataclass(frozen=True)
+class ArithmeticConfig:
+    """Difficulty knobs and the seed of the problem stream."""
+
+    num_ops_min: int = 2
+    num_ops_max: int = 3
+    max_operand: int = 9
+    max_result: int = 99
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Problem:
+    prompt: str  # "expr=?\n"
+    answer: str  # the final number, as text
+    solution: str  # step lines then "A:<answer>", no trailing newline
+
+
+def _exact(value: int) -> int:
+    return value
+
+
+def solve(
+    operands: list[int], ops: list[str], slip: Callable[[int], int] = _exact
+) -> tuple[list[str], int]:
+    """Step lines ("a*b=c") and the value of the expression, products first.
+
+    `slip` maps each computed result to the one written down; later steps build on what was
+    written, as a solver that slipped would.
+    """
+    nums, pending, steps = [operands[0]], [], []
+    for op, b in zip(ops, operands[1:]):
+        if op == "*":
+            a = nums[-1]
+            nums[-1] = slip(a * b)
+            steps.append(f"{a}*{b}={nums[-1]}")
+        else:
+            nums.append(b)
+            pending.append(op)
+    acc = nums[0]
+    for op, b in zip(pending, nums[1:]):
+        new = slip(acc + b if op == "+" else acc - b)
+        steps.append(f"{acc}{op}{b}={new}")
+        acc = new
+    return steps, acc
+
+
+def parse_prompt(prompt: str) -> tuple[list[int], list[str]]:
+    """Operands and operators of a prompt "expr=?\n"."""
+    tokens = re.findall(r"\d+|[+\-*]", prompt.split("=", 1)[0])
+    return [int(t) for t in tokens[0::2]], tokens[1::2]
+
+
+def format_solution(steps: list[str], value: int) -> str:
+    return STEP_DELIMITER.join(steps + [f"{ANSWER_PREFIX}{value}"])
+
+
+def step_results(steps: list[str]) -> list[int]:
+    return [int(s.rsplit("=", 1)[1]) for s in steps]
+
+
+def _draw(rng: random.Random, cfg: ArithmeticConfig) -> Problem | None:
+    """One random problem, or None when an intermediate result leaves [0, max_result]."""
+    n_ops = rng.randint(cfg.num_ops_min, cfg.num_ops_max)
+    operands = [rng.randint(1, cfg.max_operand) for _ in range(n_ops + 1)]
+    ops = [rng.choice(_OPS) for _ in range(n_ops)]
+    steps, value = solve(operands, ops)
+    if any(r < 0 or r > cfg.max_result for r in step_results(steps)):
+        return None
+    expr = "".join(f"{a}{op}" for a, op in zip(operands, ops)) + str(operands[-1])
+    return Problem(f"{expr}=?\n", str(value), format_solution(steps, value))
+
+
+def split_of(prompt: str) -> str:
+    """The split ("train" or "test") a prompt belongs to; fixed by the prompt text alone."""
+    return "test" if zlib.crc32(prompt.encode()) % _TEST_BUCKETS == 0 else "train"
+
+
+def iter_problems(split: str, cfg: ArithmeticConfig = ArithmeticConfig()) -> Iterator[Problem]:
+    """Endless deterministic stream of `split` problems (may repeat)."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if not 1 <= cfg.num_ops_min <= cfg.num_ops_max or cfg.max_operand < 1:
+        raise ValueError(f"invalid config {cfg}")
+    rng = random.Random(f"arithmetic:{cfg.seed}:{split}")
+    while True:
+        p = _draw(rng, cfg)
+        if p is not None and split_of(p.prompt) == split:
+            yield p
+
+
+def make_split(split: str, n: int, cfg: ArithmeticConfig = ArithmeticConfig()) -> list[Problem]:
+    """The first `n` distinct problems of the `split` stream."""
+    seen: dict[str, Problem] = {}
+    stream = iter_problems(split, cfg)
+    for _ in range(1000 * n + 10_000):  # gives up when the config has too few distinct problems
+        if len(seen) == n:
+            return list(seen.values())
+        p = next(stream)
+        seen.setdefault(p.prompt, p)
+    raise ValueError(f"config {cfg} has fewer than {n} distinct {split} problems")
+
+
+def extract_answer(text: str) -> str | None:
+    """Text after the last "A:", up to the first newline or special token; None if absent."""
+    i = text.rfind(ANSWER_PREFIX)
+    if i < 0:
+        return None
+    rest = text[i + len(ANSWER_PREFIX) :]
+    return rest.split("\n", 1)[0].split("<", 1)[0].strip()
+
+
+def compute_score(
+    data_source: str, solution_str: Any, ground_truth: Any, extra_info: Any = None
+) -> float:
+    """Exact-match reward in verl's `compute_score` signature: 1.0 or 0.0, never raises."""
+    try:
+        answer = extract_answer(str(solution_str)) if solution_str is not None else None
+        return float(answer is not None and answer != "" and answer == str(ground_truth).strip())
+    except Exception:  # reward must survive any generated text
+        return 0.0

@@ -1,0 +1,243 @@
+"""Regenerate the bundled tiny arithmetic model: `python -m ibtpo_fast.tasks.make_tiny_model`.
+
+A 4-layer Qwen2 with a character tokenizer is trained by teacher forcing on train-split
+solutions in which each step result is, with probability `slip_rate`, off by 1, 2 or 10 (later
+steps build on the slipped value). The model learns the format and the procedure, and greedy
+decoding is nearly always right, but sampled at temperature 1 it reproduces slips at roughly the
+trained rate: held-out accuracy lands well below its greedy accuracy, and RL only has to push
+probability off the slips, which it does quickly. Held-out accuracy at temperature 1 (and greedy)
+is measured and written to `ibtpo_meta.json`. Same seed and thread count give the same weights.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from transformers import GenerationConfig, PreTrainedTokenizerBase, Qwen2Config, Qwen2ForCausalLM
+
+from ibtpo_fast.tasks import tiny_model_path
+from ibtpo_fast.tasks.arithmetic import (
+    DATA_SOURCE,
+    ArithmeticConfig,
+    Problem,
+    compute_score,
+    format_solution,
+    iter_problems,
+    make_split,
+    parse_prompt,
+    solve,
+    step_results,
+)
+from ibtpo_fast.tasks.char_tokenizer import build_char_tokenizer
+
+META_FILE = "ibtpo_meta.json"
+MAX_NEW_TOKENS = 48  # longest solution of the default task is 27 characters
+SLIP_DELTAS = (-10, -2, -1, 1, 2, 10)  # typical carry and off-by-one slips
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    """Supervised pre-training recipe of the bundled model."""
+
+    steps: int = 800
+    batch_size: int = 64
+    lr: float = 3e-3
+    slip_rate: float = 0.3  # chance that a training step line carries a slipped result
+    seed: int = 0
+    threads: int = 2  # float reductions, hence the weights, depend on the thread count
+
+
+def model_config(vocab_size: int, pad_id: int, eos_id: int) -> Qwen2Config:
+    return Qwen2Config(
+        vocab_size=vocab_size,
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        pad_token_id=pad_id,
+        eos_token_id=eos_id,
+        bos_token_id=None,
+        architectures=["Qwen2ForCausalLM"],
+    )
+
+
+def slipped_solution(p: Problem, rng: random.Random, rate: float) -> str:
+    """`p`'s solution with each step result off by a little with probability `rate`."""
+
+    def slip(value: int) -> int:
+        if rng.random() >= rate:
+            return value
+        d = rng.choice(SLIP_DELTAS)
+        return value + d if value + d >= 0 else value - d
+
+    steps, value = solve(*parse_prompt(p.prompt), slip=slip)
+    return format_solution(steps, value) if min(step_results(steps)) >= 0 else p.solution
+
+
+def sft_batch(
+    pairs: Sequence[tuple[str, str]], tok: PreTrainedTokenizerBase
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ids, attention mask and labels that score only solution + EOS tokens."""
+    rows = []
+    for prompt_text, solution in pairs:
+        prompt = tok.encode(prompt_text, add_special_tokens=False)
+        answer = tok.encode(solution, add_special_tokens=False) + [tok.eos_token_id]
+        rows.append((prompt + answer, [-100] * len(prompt) + answer))
+    width = max(len(ids) for ids, _ in rows)
+    ids = torch.full((len(rows), width), tok.pad_token_id)
+    labels = torch.full((len(rows), width), -100)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (seq, lab) in enumerate(rows):
+        ids[i, : len(seq)] = torch.tensor(seq)
+        labels[i, : len(lab)] = torch.tensor(lab)
+        mask[i, : len(seq)] = 1
+    return ids, mask, labels
+
+
+def _batches(task: ArithmeticConfig, sft: SFTConfig) -> Iterator[list[tuple[str, str]]]:
+    stream, rng = iter_problems("train", task), random.Random(f"slips:{sft.seed}")
+    while True:
+        problems = [next(stream) for _ in range(sft.batch_size)]
+        yield [(p.prompt, slipped_solution(p, rng, sft.slip_rate)) for p in problems]
+
+
+def _lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+def train(
+    model: Qwen2ForCausalLM,
+    tok: PreTrainedTokenizerBase,
+    task: ArithmeticConfig,
+    sft: SFTConfig,
+    log_every: int = 100,
+) -> None:
+    """Teacher-forced SFT with AdamW and a warmup + cosine schedule."""
+    opt = torch.optim.AdamW(model.parameters(), lr=sft.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    model.train()
+    for step, pairs in zip(range(sft.steps), _batches(task, sft)):
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, sft.steps, sft.lr, warmup=max(1, sft.steps // 20))
+        ids, mask, labels = sft_batch(pairs, tok)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if log_every and (step % log_every == 0 or step == sft.steps - 1):
+            print(f"step {step:5d}  loss {loss.item():.4f}", flush=True)
+    model.eval()
+
+
+@torch.no_grad()
+def sample_solutions(
+    model: Any,
+    tok: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    temperature: float = 1.0,
+    batch_size: int = 128,
+) -> list[str]:
+    """One completion per prompt: pure sampling at `temperature` (0 means greedy)."""
+    out: list[str] = []
+    for i in range(0, len(prompts), batch_size):
+        batch = list(prompts[i : i + batch_size])
+        enc = tok(batch, return_tensors="pt", padding=True, add_special_tokens=False)
+        sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+        gen = model.generate(
+            **enc,
+            **(sampling if temperature > 0 else {"do_sample": False}),
+            max_new_tokens=MAX_NEW_TOKENS,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+        out += tok.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    return out
+
+
+def heldout_accuracy(
+    model: Any,
+    tok: PreTrainedTokenizerBase,
+    problems: Sequence[Problem],
+    temperature: float = 1.0,
+    seed: int = 0,
+) -> float:
+    """Mean exact-match reward of one sample per problem."""
+    torch.manual_seed(seed)
+    texts = sample_solutions(model, tok, [p.prompt for p in problems], temperature)
+    scores = [compute_score(DATA_SOURCE, t, p.answer) for t, p in zip(texts, problems)]
+    return sum(scores) / len(scores)
+
+
+def generation_config(tok: PreTrainedTokenizerBase) -> GenerationConfig:
+    """Defaults for RL rollouts: untruncated sampling at temperature 1."""
+    return GenerationConfig(
+        do_sample=True,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=MAX_NEW_TOKENS,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+
+
+def make_tiny_model(
+    out: Path,
+    task: ArithmeticConfig = ArithmeticConfig(),
+    sft: SFTConfig = SFTConfig(),
+    eval_problems: int = 500,
+) -> dict[str, Any]:
+    """Train, evaluate and save the model plus tokenizer to `out`; returns the metadata."""
+    torch.set_num_threads(sft.threads)
+    start = time.time()
+    tok = build_char_tokenizer()
+    torch.manual_seed(sft.seed)
+    model = Qwen2ForCausalLM(model_config(len(tok), tok.pad_token_id, tok.eos_token_id))
+    train(model, tok, task, sft)
+    print(f"trained {sft.steps} steps in {time.time() - start:.0f} s", flush=True)
+    test = make_split("test", eval_problems, task)
+    meta = {
+        "heldout_acc_t1": heldout_accuracy(model, tok, test, 1.0, sft.seed),
+        "heldout_acc_greedy": heldout_accuracy(model, tok, test, 0.0, sft.seed),
+        "heldout_problems": len(test),
+        "task": {"data_source": DATA_SOURCE, **task.to_dict()},
+        "train_steps": sft.steps,
+        "sft": asdict(sft),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    model.generation_config = generation_config(tok)
+    model.save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    d, t = SFTConfig(), ArithmeticConfig()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=tiny_model_path())
+    ap.add_argument("--eval-problems", type=int, default=500)
+    for name, default in [*asdict(d).items(), *asdict(t).items()]:
+        if name != "seed":
+            ap.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
+    ap.add_argument("--seed", type=int, default=d.seed, help="seeds the model, data and slips")
+    a = vars(ap.parse_args(argv))
+    sft = SFTConfig(**{k: a[k] for k in asdict(d)})
+    task = ArithmeticConfig(**{k: a[k] for k in asdict(t)})
+    print(json.dumps(make_tiny_model(a["out"], task, sft, a["eval_problems"]), indent=2))
+
+
+if __name__ == "__main__":
+    main()

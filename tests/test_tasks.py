@@ -1,0 +1,116 @@
+"""Arithmetic task: deterministic disjoint splits, correct solutions, robust reward, tokenizer."""
+import re
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import AutoTokenizer
+
+from ibtpo_fast.tasks import (
+    DATA_SOURCE,
+    STEP_DELIMITER,
+    ArithmeticConfig,
+    compute_score,
+    extract_answer,
+    make_split,
+)
+from ibtpo_fast.tasks.arithmetic import split_of
+from ibtpo_fast.tasks.char_tokenizer import CHARS, build_char_tokenizer, save_char_tokenizer
+
+STEP_RE = re.compile(r"^(\d+)([+\-*])(\d+)=(\d+)$")
+
+
+def test_splits_are_deterministic():
+    cfg = ArithmeticConfig(seed=3)
+    assert make_split("train", 200, cfg) == make_split("train", 200, cfg)
+    assert make_split("test", 200, cfg) == make_split("test", 200, cfg)
+    assert make_split("train", 50, cfg) == make_split("train", 200, cfg)[:50]
+
+
+def test_splits_are_disjoint_and_distinct():
+    train = {p.prompt for s in (0, 1) for p in make_split("train", 1000, ArithmeticConfig(seed=s))}
+    test = [p.prompt for p in make_split("test", 500)]
+    assert len(set(test)) == len(test)
+    assert not train & set(test)
+    assert all(split_of(p) == "train" for p in train)
+
+
+def test_seed_changes_the_stream():
+    a = make_split("train", 50, ArithmeticConfig(seed=0))
+    b = make_split("train", 50, ArithmeticConfig(seed=1))
+    assert a != b
+
+
+@pytest.mark.parametrize(
+    "cfg", [ArithmeticConfig(), ArithmeticConfig(num_ops_min=1, num_ops_max=4, max_operand=20,
+                                                 max_result=200, seed=7)]
+)
+def test_solutions_are_right_and_one_step_per_line(cfg):
+    for p in make_split("train", 300, cfg) + make_split("test", 100, cfg):
+        assert p.prompt.endswith("=?\n")
+        expr = p.prompt[: -len("=?\n")]
+        assert int(p.answer) == eval(expr)  # Python applies the same precedence
+        lines = p.solution.split(STEP_DELIMITER)
+        assert lines[-1] == "A:" + p.answer
+        n_ops = sum(expr.count(op) for op in "+-*")
+        assert cfg.num_ops_min <= n_ops <= cfg.num_ops_max
+        assert len(lines) == n_ops + 1
+        assert all(1 <= int(x) <= cfg.max_operand for x in re.split(r"[+\-*]", expr))
+        for line in lines[:-1]:
+            m = STEP_RE.match(line)
+            assert m, line
+            a, op, b, c = m.groups()
+            assert eval(f"{a}{op}{b}") == int(c)
+            assert 0 <= int(c) <= cfg.max_result
+        assert int(STEP_RE.match(lines[-2]).group(4)) == int(p.answer)
+
+
+def test_reward_exact_match():
+    p = make_split("test", 1)[0]
+    assert compute_score(DATA_SOURCE, p.solution, p.answer) == 1.0
+    assert compute_score(DATA_SOURCE, p.solution + "<eos>", p.answer) == 1.0
+    assert compute_score(DATA_SOURCE, p.solution + "\ngarbage", p.answer) == 1.0
+    assert compute_score(DATA_SOURCE, "1+1=2\nA: 7 \n", "7") == 1.0
+    assert compute_score(DATA_SOURCE, "A:3\nA:7", "7") == 1.0  # the last answer line counts
+    assert compute_score(DATA_SOURCE, "A:7\nA:3", "7") == 0.0
+    assert compute_score(DATA_SOURCE, "A:70", "7") == 0.0
+    assert compute_score(DATA_SOURCE, "7", "7") == 0.0  # no answer line
+    assert compute_score(DATA_SOURCE, "A:", "7") == 0.0
+    assert compute_score(DATA_SOURCE, "", "7") == 0.0
+    assert compute_score(DATA_SOURCE, "A:7", 7) == 1.0
+
+
+@pytest.mark.parametrize("text", [None, b"A:7", 3.5, "\x00\uffff", "A:" * 1000, "<eos>"])
+def test_reward_never_raises_on_odd_input(text):
+    assert compute_score(DATA_SOURCE, text, "7") in (0.0, 1.0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(), st.text(max_size=5))
+def test_reward_is_binary_on_any_text(text, truth):
+    assert compute_score(DATA_SOURCE, text, truth) in (0.0, 1.0)
+    assert extract_answer(text) is None or isinstance(extract_answer(text), str)
+
+
+def test_tokenizer_round_trips_task_text(tmp_path):
+    save_char_tokenizer(tmp_path)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    assert tok.eos_token == "<eos>" and tok.pad_token == "<pad>"
+    assert tok.eos_token_id != tok.pad_token_id
+    for p in make_split("test", 50):
+        text = p.prompt + p.solution
+        ids = tok.encode(text, add_special_tokens=False)
+        assert len(ids) == len(text)  # one token per character
+        assert tok.decode(ids) == text
+    (nl,) = tok.encode("\n", add_special_tokens=False)
+    assert tok.decode([nl]) == "\n"
+    assert tok.decode(tok.encode(" ", add_special_tokens=False)) == " "
+
+
+def test_tokenizer_every_char_is_a_token():
+    tok = build_char_tokenizer()
+    for ch in CHARS:
+        ids = tok.encode(ch, add_special_tokens=False)
+        assert len(ids) == 1 and ids[0] != tok.unk_token_id
+        assert tok.decode(ids) == ch
+    assert tok.decode(tok.encode("1  2\n\n", add_special_tokens=False)) == "1  2\n\n"
