@@ -21,3 +21,11 @@ def tricky(data_source, solution_str, ground_truth, extra_info=None):
     if solution_str == "nodict":
         return {"acc": 1.0}
     return exact(data_source, solution_str, ground_truth, extra_info)
+
+
+def always_raise(data_source, solution_str, ground_truth, extra_info=None):
+    raise ValueError(f"cannot grade {solution_str!r}")
+
+
+def always_hang(data_source, solution_str, ground_truth, extra_info=None):
+    time.sleep(600)

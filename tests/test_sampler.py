@@ -1,0 +1,149 @@
+"""IBTree sampling on the bundled tiny model through the real TorchEngine."""
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ibtpo_fast import Forest, walk
+from ibtpo_fast.engines.protocol import SamplingParams
+from ibtpo_fast.engines.torch_engine import TorchEngine
+from ibtpo_fast.sampler import IBTreeSampler, SamplerConfig, TreeSpec
+from ibtpo_fast.tasks import STEP_DELIMITER, compute_score, make_split, tiny_model_path
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    path = tiny_model_path()
+    return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+
+
+class Spy:
+    """Wraps the real engine and records what the sampler asks of it."""
+
+    def __init__(self, engine):
+        self.engine, self.calls = engine, []
+
+    def generate(self, requests):
+        self.calls.append(list(requests))
+        return self.engine.generate(requests)
+
+    def update_weights(self, named_tensors=None):
+        self.engine.update_weights(named_tensors)
+
+    def flush_cache(self):
+        self.engine.flush_cache()
+
+
+def make_sampler(tiny, problems, **kw):
+    model, tok = tiny
+    engine = Spy(TorchEngine(model, tokenizer=tok))
+    reward_calls = []
+
+    def reward_fn(trees, responses):
+        reward_calls.append(len(trees))
+        texts = tok.batch_decode([r.tolist() for r in responses], skip_special_tokens=True)
+        return [compute_score("arithmetic", t, problems[i].answer) for i, t in zip(trees, texts)]
+
+    cfg = SamplerConfig(max_new_tokens=48, sampling=SamplingParams(temperature=1.0), stop_token_ids=(tok.eos_token_id,),
+                        step_delimiter=STEP_DELIMITER, **kw)
+    return IBTreeSampler(engine, tok, reward_fn, cfg), engine, reward_calls
+
+
+def prompts_of(tok, problems):
+    return [tok.encode(p.prompt, add_special_tokens=False) for p in problems]
+
+
+def test_ib_rounds_shape_and_accounting(tiny):
+    problems = make_split("train", 3)
+    sampler, engine, reward_calls = make_sampler(tiny, problems, tree=TreeSpec(4, 3, 1, 2))
+    rollout = sampler.sample(prompts_of(tiny[1], problems))
+    f = rollout.forest
+    assert len(engine.calls) == 3  # one engine call per round, holding every tree's requests
+    assert [len(c) for c in engine.calls] == [12, 6, 6]
+    assert reward_calls and sum(reward_calls) <= 3 * 8  # truncated leaves skip the reward function
+    leaves = f.is_leaf
+    for t in range(3):
+        assert int((leaves & (f.tree == t)).sum()) == 8  # G = B0 + (L-1) K B
+        steps = (f.tree == t) & (f.parent >= 0)
+        assert rollout.generated_tokens[t] == f.num_tokens[steps].sum()  # every token counted once
+    assert not np.isnan(f.reward[leaves]).any()
+    # Round-2+ requests continue from a prefix of an existing node, never regenerating it.
+    prefixes = {tuple(f.prefix_tokens(v)) for v in range(len(f)) if not leaves[v]}
+    for req in engine.calls[1] + engine.calls[2]:
+        assert tuple(req.prefix_ids) in prefixes
+    assert rollout.metrics["rollout/prefix_cache_hit_rate"] > 0.5
+    assert rollout.metrics["tree/trajectories"] == 8
+    walk(f)  # a forest ready for the walk
+
+
+def test_pick_follows_ib_score_and_tie_rules(tiny):
+    # Root with chains rewarded 1, 0 and a two-child node: IB decides which node is expanded.
+    sampler, _, _ = make_sampler(tiny, make_split("train", 1), tree=TreeSpec(2, 2, 2, 1))
+    f = Forest()
+    root = f.add_tree([1, 2])
+    a = f.add_chain(root, [[3], [4], [5]], [-0.1, -2.0, -0.1])
+    b = f.add_chain(root, [[3], [4]], [-0.1, -0.1])
+    f.set_reward(a[-1], 1.0)
+    f.set_reward(b[-1], 0.0)
+    ib = walk(f).ib_score
+    picked = [br.node for br in sampler._pick(f, np.zeros(1, np.int64))]
+    inner = [v for v in range(len(f)) if f.num_children[v] > 0]
+    depth = f.depth()
+    want = sorted(inner, key=lambda v: (-ib[v], depth[v], v))[:2]
+    assert picked == want
+
+
+def test_independent_is_one_round(tiny):
+    problems = make_split("train", 2)
+    sampler, engine, _ = make_sampler(tiny, problems, strategy="independent", tree=TreeSpec(5, 1, 1, 1))
+    f = sampler.sample(prompts_of(tiny[1], problems)).forest
+    assert len(engine.calls) == 1 and int(f.is_leaf.sum()) == 10
+    assert np.all(f.parent[f.parent >= 0][f.num_children[f.parent >= 0] == 0] >= 0)
+
+
+@pytest.mark.parametrize("strategy", ["random", "entropy"])
+def test_other_strategies_branch(tiny, strategy):
+    problems = make_split("train", 2)
+    sampler, engine, _ = make_sampler(tiny, problems, strategy=strategy, tree=TreeSpec(2, 3, 1, 1))
+    f = sampler.sample(prompts_of(tiny[1], problems)).forest
+    assert len(engine.calls) == 3 and int(f.is_leaf.sum()) == 2 * 4
+
+
+def test_token_budget_stops_branching(tiny):
+    problems = make_split("train", 2)
+    sampler, engine, _ = make_sampler(tiny, problems, tree=TreeSpec(2, 6, 1, 1), token_budget=1)
+    rollout = sampler.sample(prompts_of(tiny[1], problems))
+    assert len(engine.calls) == 1  # every tree spent its budget in round 1
+    assert int(rollout.forest.is_leaf.sum()) == 4
+
+
+def test_same_seed_same_forest(tiny):
+    problems = make_split("train", 2)
+    a = make_sampler(tiny, problems, tree=TreeSpec(2, 3, 1, 1), seed=7)[0].sample(prompts_of(tiny[1], problems))
+    b = make_sampler(tiny, problems, tree=TreeSpec(2, 3, 1, 1), seed=7)[0].sample(prompts_of(tiny[1], problems))
+    assert np.array_equal(a.forest.tokens, b.forest.tokens) and np.array_equal(a.forest.parent, b.forest.parent)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(strategy="greedy"), "unknown strategy 'greedy'"),
+    (dict(tree="4,0,1,1"), "tree spec L must be >= 1"),
+    (dict(tree="4,9,1"), "four numbers"),
+    (dict(max_new_tokens=0), "max_new_tokens must be > 0"),
+    (dict(strategy="independent", tree="4,9,1,1"), "L = 1"),
+    (dict(token_budget=-5), "token_budget"),
+])
+def test_bad_config(kw, match):
+    with pytest.raises(ValueError, match=match):
+        SamplerConfig(**kw)
+
+
+def test_bad_prompts(tiny):
+    sampler, _, _ = make_sampler(tiny, make_split("train", 1))
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        sampler.sample([[1, 2], []])
+    with pytest.raises(ValueError, match="prompts is empty"):
+        sampler.sample([])
+    too_long = [5] * (tiny[0].config.max_position_embeddings + 1)
+    with pytest.raises(ValueError, match="context|max_position"):
+        sampler.sample([too_long])

@@ -1,0 +1,74 @@
+"""The trainer on the bundled tiny model: the update's direction, presets, the default CLI run."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from ibtpo_fast import walk
+from ibtpo_fast.config import PRESETS, load_config
+from ibtpo_fast.policy import token_logprobs
+from ibtpo_fast.trainer import Trainer
+
+FAST = ["data.batch_size=2", "data.val_size=4", "train.eval_k=2", "rollout.tree=2,3,1,1", "run.progress=off"]
+
+
+def trainer(tmp_path, *args):
+    return Trainer(load_config([*FAST, f"run.out_dir={tmp_path}", *args]))
+
+
+def test_update_moves_logprobs_along_the_advantage(tmp_path):
+    tr = trainer(tmp_path, "train.lr=1e-5", "algo.kl_coef=0", "train.warmup_steps=0", "data.batch_size=4")
+    tr._batch_rows = tr.task.train[:4]
+    for attempt in range(5):  # a batch where some step has a non-zero advantage
+        rollout = tr.sampler.sample(tr.train_prompts[4 * attempt : 4 * attempt + 4])
+        tr._batch_rows = tr.task.train[4 * attempt : 4 * attempt + 4]
+        w = walk(rollout.forest, lam=0.1)
+        batch = tr.pack(rollout.forest, w)
+        if (batch.advantages.abs() > 1e-3).any():
+            break
+    with torch.no_grad():
+        before, _ = token_logprobs(tr.model, batch, 1.0)
+    tr.update(batch)
+    with torch.no_grad():
+        after, _ = token_logprobs(tr.model, batch, 1.0)
+    delta = after - before
+    pos, neg = batch.advantages > 1e-3, batch.advantages < -1e-3
+    assert pos.any() or neg.any()
+    if pos.any():
+        assert delta[pos].mean() > 0
+    if neg.any():
+        assert delta[neg].mean() < 0
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_preset_runs_two_steps(tmp_path, preset):
+    tree = "4,1,1,1" if preset.startswith("grpo") else "2,3,1,1"
+    tr = trainer(tmp_path, f"preset={preset}", f"rollout.tree={tree}", "train.steps=2")
+    metrics = [tr.step() for _ in range(2)]
+    for m in metrics:
+        assert np.isfinite(m["actor/pg_loss"]) and m["tree/trajectories"] == 4  # 4,1,1,1 and 2 + (3 - 1) * 1 * 1
+    assert tr.global_step == 2
+
+
+def test_default_cli_run_writes_metrics_plots_and_checkpoint(tmp_path):
+    cmd = [sys.executable, "-m", "ibtpo_fast.train", *FAST, "train.steps=2", f"run.out_dir={tmp_path}", "run.name=cli"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "val-core/arithmetic/acc/mean@2" in out.stdout and "->" in out.stdout
+    run = tmp_path / "cli"
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [0, 1, 2]
+    names = {"critic/score/mean", "actor/entropy", "actor/pg_clipfrac", "actor/kl", "response_length/mean",
+             "ib/score_mean", "ib/cov_eta", "tree/eff_rate", "tree/trajectories", "tree/generated_tokens",
+             "tree/trajectories_per_1k_tokens", "tree/unique_token_ratio", "rollout/prefix_cache_hit_rate",
+             "timing/rollout", "timing/reward", "timing/walk", "timing/update", "timing/sync"}
+    assert names <= set(lines[1]), names - set(lines[1])
+    assert "val-core/arithmetic/acc/mean@2" in lines[0] and "val-core/arithmetic/acc/pass@2" in lines[2]
+    for png in ("accuracy.png", "entropy.png", "ib_score.png", "eff_rate.png", "tokens.png"):
+        assert (run / "plots" / png).stat().st_size > 1000
+    assert (run / "config.yaml").is_file()
+    AutoModelForCausalLM.from_pretrained(run / "checkpoints" / "global_step_2")
