@@ -1,0 +1,112 @@
+"""Rollout claims on the bundled model and task, each against its baseline in the same run.
+
+- sampling efficiency: IBTree (4,9,1,1) against independent G=8 and G=12, in trajectories per 1k
+  generated tokens (target: >= 1.45x G=8's trajectories at <= 1.10x its generated tokens);
+- prefix reuse: the IBTree workload with the radix cache against the same engine with the cache
+  off (target: >= 2x generated tokens per second);
+- TorchEngine against `transformers` `generate` on the independent workload (target: >= 1.0x).
+
+Run: pytest bench/bench_rollout.py --benchmark-only
+"""
+import time
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ibtpo_fast.engines.protocol import Request, SamplingParams
+from ibtpo_fast.engines.torch_engine import TorchEngine
+from ibtpo_fast.sampler import IBTreeSampler, SamplerConfig
+from ibtpo_fast.tasks import STEP_DELIMITER, compute_score, make_split, tiny_model_path
+
+MAX_NEW = 48
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    path = tiny_model_path()
+    return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+
+
+def workload(benchmark, tok):
+    problems = make_split("train", 4 if benchmark.disabled else 32)
+    return problems, [tok.encode(p.prompt, add_special_tokens=False) for p in problems]
+
+
+def run_sampler(model, tok, problems, prompts, strategy, tree, use_cache=True, seed=0):
+    engine = TorchEngine(model, tokenizer=tok, use_cache=use_cache)
+
+    def reward(trees, responses):
+        texts = tok.batch_decode([r.tolist() for r in responses], skip_special_tokens=True)
+        return [compute_score("arithmetic", t, problems[i].answer) for i, t in zip(trees, texts)]
+
+    cfg = SamplerConfig(strategy=strategy, tree=tree, max_new_tokens=MAX_NEW, stop_token_ids=(tok.eos_token_id,),
+                        step_delimiter=STEP_DELIMITER, seed=seed)
+    t0 = time.perf_counter()
+    rollout = IBTreeSampler(engine, tok, reward, cfg).sample(prompts)
+    return rollout, time.perf_counter() - t0
+
+
+def test_sampling_efficiency(benchmark, tiny):
+    model, tok = tiny
+    problems, prompts = workload(benchmark, tok)
+    ib, _ = benchmark.pedantic(run_sampler, (model, tok, problems, prompts, "ib", "4,9,1,1"), rounds=1, iterations=1)
+    g8, _ = run_sampler(model, tok, problems, prompts, "independent", "8,1,1,1")
+    g12, _ = run_sampler(model, tok, problems, prompts, "independent", "12,1,1,1")
+    m = {name: r.metrics for name, r in (("ib", ib), ("g8", g8), ("g12", g12))}
+    info = {
+        "trajectories_ratio_vs_g8": m["ib"]["tree/trajectories"] / m["g8"]["tree/trajectories"],
+        "tokens_ratio_vs_g8": m["ib"]["tree/generated_tokens"] / m["g8"]["tree/generated_tokens"],
+        "tokens_ratio_vs_g12": m["ib"]["tree/generated_tokens"] / m["g12"]["tree/generated_tokens"],
+        "traj_per_1k_ratio_vs_g8": m["ib"]["tree/trajectories_per_1k_tokens"] / m["g8"]["tree/trajectories_per_1k_tokens"],
+        **{f"{k}_{name}": v[k] for name, v in m.items()
+           for k in ("tree/trajectories_per_1k_tokens", "tree/generated_tokens", "tree/eff_rate")},
+    }
+    benchmark.extra_info.update(info)
+    assert info["trajectories_ratio_vs_g8"] == 1.5
+
+
+def test_prefix_reuse(benchmark, tiny):
+    model, tok = tiny
+    problems, prompts = workload(benchmark, tok)
+    on, t_on = benchmark.pedantic(run_sampler, (model, tok, problems, prompts, "ib", "4,9,1,1"), rounds=1, iterations=1)
+    off, t_off = run_sampler(model, tok, problems, prompts, "ib", "4,9,1,1", use_cache=False)
+    assert np.array_equal(on.forest.tokens, off.forest.tokens)  # same seeds, same tokens: only the cost differs
+    tps_on = on.generated_tokens.sum() / t_on
+    tps_off = off.generated_tokens.sum() / t_off
+    benchmark.extra_info.update(tokens_per_s_cache=tps_on, tokens_per_s_no_cache=tps_off, speedup=tps_on / tps_off,
+                                prefix_cache_hit_rate=on.metrics["rollout/prefix_cache_hit_rate"])
+
+
+def test_vs_hf_generate(benchmark, tiny):
+    model, tok = tiny
+    _, prompts = workload(benchmark, tok)
+    G = 8
+    requests = [Request(p, MAX_NEW, SamplingParams(1.0, seed=i * G + j), (tok.eos_token_id,))
+                for i, p in enumerate(prompts) for j in range(G)]
+
+    def ours():
+        engine = TorchEngine(model, tokenizer=tok)
+        t0 = time.perf_counter()
+        out = engine.generate(requests)
+        return sum(len(c.token_ids) for c in out), time.perf_counter() - t0
+
+    (n_ours, t_ours) = benchmark.pedantic(ours, rounds=1, iterations=1)
+    # transformers generate: one left-padded batch holding every sample, as a user would call it.
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts for _ in range(G)])
+    attn = (torch.arange(width)[None, :] >= torch.tensor([width - len(p) for p in prompts for _ in range(G)])[:, None]).long()
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=attn, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                             max_new_tokens=MAX_NEW, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    t_hf = time.perf_counter() - t0
+    new = out[:, width:]
+    # tokens up to and including the first EOS, as TorchEngine counts them
+    is_eos = new == tok.eos_token_id
+    n_hf = int(torch.where(is_eos.any(1), is_eos.float().argmax(1) + 1, torch.full((len(new),), new.shape[1])).sum())
+    benchmark.extra_info.update(tokens_per_s_ours=n_ours / t_ours, tokens_per_s_hf=n_hf / t_hf,
+                                speedup=(n_ours / t_ours) / (n_hf / t_hf))

@@ -1,0 +1,110 @@
+"""Training-step claims on the default workload (bundled model and task, IB-TPO preset).
+
+- the step split into rollout, reward, walk, update and sync, with generated tokens per second;
+- tree-packed against flattened training on the same rollout: tokens processed, update time and
+  peak memory (target: <= 0.7x the tokens processed, a matching drop in time, identical loss).
+
+Run: pytest bench/bench_train.py --benchmark-only
+"""
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ibtpo_fast import walk
+from ibtpo_fast.config import load_config
+from ibtpo_fast.packing import flatten, pack_trees
+from ibtpo_fast.trainer import Trainer
+
+BATCH = 16
+
+
+def make_trainer(tmp: Path, batch: int) -> Trainer:
+    return Trainer(load_config([f"data.batch_size={batch}", "data.val_size=8", f"run.out_dir={tmp}",
+                                "run.resume=never", "run.progress=off"]))
+
+
+def test_step_breakdown(benchmark, tmp_path):
+    trainer = make_trainer(tmp_path, 2 if benchmark.disabled else BATCH)
+    trainer.step()  # warm-up: first-call costs (numba compilation, allocator) out of the figure
+    m = benchmark.pedantic(trainer.step, rounds=1 if benchmark.disabled else 3, iterations=1)
+    parts = {k: m[k] for k in ("timing/rollout", "timing/reward", "timing/walk", "timing/update", "timing/sync")}
+    benchmark.extra_info.update(parts, tokens_per_s=m["perf/tokens_per_s"],
+                                generated_tokens=m["tree/generated_tokens"] * (BATCH if not benchmark.disabled else 2))
+    assert all(v >= 0 for v in parts.values())
+
+
+def _batches(trainer: Trainer):
+    trainer._batch_rows = trainer.task.train[: trainer.cfg.data.batch_size]
+    rollout = trainer.sampler.sample(trainer.train_prompts[: trainer.cfg.data.batch_size])
+    w = walk(rollout.forest)
+    pad = trainer.tokenizer.pad_token_id
+    return rollout.forest, flatten(rollout.forest, w.advantage, w.leaves, pad), pack_trees(rollout.forest, w.advantage, w.leaves, pad)
+
+
+def _update_loss(trainer: Trainer, batch) -> tuple[float, float]:
+    """Loss and time of one forward + backward from the trainer's current weights."""
+    trainer.model.zero_grad()
+    t0 = time.perf_counter()
+    loss, _ = trainer._loss(batch, None)
+    loss.backward()
+    elapsed = time.perf_counter() - t0
+    return float(loss.detach()), elapsed
+
+
+def test_tree_packed_vs_flattened(benchmark, tmp_path):
+    trainer = make_trainer(tmp_path, 2 if benchmark.disabled else BATCH)
+    trainer.cfg.algo.kl_coef = 0.0
+    _, flat, tree = _batches(trainer)
+    _update_loss(trainer, tree), _update_loss(trainer, flat)  # warm-up
+    rounds = 1 if benchmark.disabled else 5
+    tree_loss, _ = benchmark.pedantic(_update_loss, (trainer, tree), rounds=rounds, iterations=1)
+    t_tree = benchmark.stats.stats.min if not benchmark.disabled else 1.0
+    flat_runs = [_update_loss(trainer, flat) for _ in range(rounds)]
+    flat_loss, t_flat = flat_runs[0][0], min(t for _, t in flat_runs)
+    assert tree_loss == pytest.approx(flat_loss, rel=1e-5)
+    info = dict(tokens_tree=tree.tokens_processed, tokens_flat=flat.tokens_processed,
+                tokens_ratio=tree.tokens_processed / flat.tokens_processed, loss_tree=tree_loss, loss_flat=flat_loss)
+    if not benchmark.disabled:
+        mem = {layout: _peak_rss(layout, tmp_path) for layout in ("tree", "flat")}
+        info.update(time_ratio=t_tree / t_flat, peak_mib_tree=mem["tree"] / 2**20, peak_mib_flat=mem["flat"] / 2**20,
+                    peak_ratio=mem["tree"] / mem["flat"])
+    benchmark.extra_info.update(info)
+    assert info["tokens_ratio"] <= 0.7
+
+
+def _peak_rss(layout: str, tmp: Path) -> int:
+    """Peak resident-set growth of one forward + backward, in a fresh process per layout."""
+    out = subprocess.run([sys.executable, __file__, layout, str(tmp / layout)], capture_output=True, text=True,
+                         check=True, timeout=900)
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_growth"]
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _child(layout: str, tmp: str) -> None:
+    trainer = make_trainer(Path(tmp), BATCH)
+    trainer.cfg.algo.kl_coef = 0.0
+    _, flat, tree = _batches(trainer)
+    batch = tree if layout == "tree" else flat
+    del flat, tree
+    base = _status_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    _update_loss(trainer, batch)
+    print(json.dumps({"peak_growth": (_status_kib("VmHWM") - base) * 1024}))
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    np.random.seed(0)
+    _child(sys.argv[1], sys.argv[2])
