@@ -1,8 +1,8 @@
 """Turn a walked Forest into training tensors, in one of two layouts.
 
 `flatten`: one right-padded row per trajectory (prompt + path); shared prefixes are repeated.
-`pack_trees`: one row per tree holding each unique token once, attention restricted to
-ancestors by a 4D mask, positions by depth; each loss token stands for every trajectory through
+`pack_trees`: each unique token once, trees packed into rows (first-fit), attention restricted
+to ancestors in the same tree by a 4D mask, positions by depth; each loss token stands for every trajectory through
 it. Both describe a loss token by `mult` (trajectories through it) and `seq_share` (sum over
 those trajectories of 1 / trajectory length), so every loss aggregation gives the same loss and
 gradient in both layouts.
@@ -103,25 +103,40 @@ def flatten(forest: Forest, advantage: np.ndarray, leaves: np.ndarray, pad_id: i
     ))
 
 
+def _rows_for_trees(tree_len: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """First-fit decreasing: several small trees share a row as wide as the widest tree, so rows
+    carry little padding. Returns each tree's row and column offset, and the number of rows."""
+    width = int(tree_len.max())
+    row_of, offset = np.zeros(len(tree_len), np.int64), np.zeros(len(tree_len), np.int64)
+    fill: list[int] = []
+    for t in np.argsort(-tree_len, kind="stable"):
+        r = next((i for i, used in enumerate(fill) if used + tree_len[t] <= width), len(fill))
+        if r == len(fill):
+            fill.append(0)
+        row_of[t], offset[t] = r, fill[r]
+        fill[r] += int(tree_len[t])
+    return row_of, offset, len(fill)
+
+
 @numba.njit(cache=True)
 def _tree_layout(parent, tree, token_start, token_end, num_trees):
-    """Per node: its tree's row, first column and the position of its first token."""
+    """Per node: first column within its tree and the position of its first token; per tree: length."""
     n = len(parent)
-    row_len = np.zeros(num_trees, np.int64)
+    tree_len = np.zeros(num_trees, np.int64)
     col0 = np.zeros(n, np.int64)
     pos0 = np.zeros(n, np.int64)
-    for v in range(n):  # parents precede children: columns follow node order within a row
+    for v in range(n):  # parents precede children: columns follow node order within a tree
         t = tree[v]
-        col0[v] = row_len[t]
-        row_len[t] += token_end[v] - token_start[v]
+        col0[v] = tree_len[t]
+        tree_len[t] += token_end[v] - token_start[v]
         u = parent[v]
         if u >= 0:
             pos0[v] = pos0[u] + token_end[u] - token_start[u]
-    return col0, pos0, row_len
+    return col0, pos0, tree_len
 
 
 @numba.njit(cache=True)
-def _ancestor_closure(parent, tree, roots, num_trees):
+def _ancestor_closure(parent, tree, num_trees):
     """local[v]: index of v within its tree; anc[t][i, j]: node j of tree t is an ancestor-or-self of node i."""
     n = len(parent)
     local = np.zeros(n, np.int64)
@@ -164,44 +179,49 @@ def pack_trees(forest: Forest, advantage: np.ndarray, leaves: np.ndarray, pad_id
                prefix_weighting: str = "none", dtype: torch.dtype = torch.float32) -> TrainBatch:
     parent, tree, n_tok = forest.parent, forest.tree, forest.num_tokens
     T = forest.num_trees
-    col0, pos0, row_len = _tree_layout(parent, tree, forest.token_start, forest.token_end, T)
-    local, anc = _ancestor_closure(parent, tree, np.asarray(forest.roots), T)
-    width = int(row_len.max())
+    col0, pos0, tree_len = _tree_layout(parent, tree, forest.token_start, forest.token_end, T)
+    row_of, offset, R = _rows_for_trees(tree_len)
+    local, anc = _ancestor_closure(parent, tree, T)
+    width = int(tree_len.max())
     node_of = np.repeat(np.arange(len(forest)), n_tok)  # flat token -> node
-    offset = np.arange(len(node_of)) - forest.token_start[node_of]  # index within its node
-    row, col = tree[node_of].astype(np.int64), col0[node_of] + offset
-    ids = np.full((T, width), pad_id, np.int64)
+    within = np.arange(len(node_of)) - forest.token_start[node_of]  # index within its node
+    tok_tree = tree[node_of]
+    row, col = row_of[tok_tree], offset[tok_tree] + col0[node_of] + within
+    ids = np.full((R, width), pad_id, np.int64)
     ids[row, col] = forest.tokens
-    pos = np.zeros((T, width), np.int64)
-    pos[row, col] = pos0[node_of] + offset
-    # Token (r, i) sees token (r, j) iff j's node is an ancestor-or-self of i's node and j <= i.
-    node_local = np.full((T, width), -1, np.int64)
+    pos = np.zeros((R, width), np.int64)
+    pos[row, col] = pos0[node_of] + within
+    tree_at = np.full((R, width), -1, np.int64)
+    tree_at[row, col] = tok_tree
+    node_local = np.zeros((R, width), np.int64)
     node_local[row, col] = local[node_of]
-    mask = _token_mask(anc, node_local, dtype)
+    mask = _token_mask(anc, tree_at, node_local, dtype)
     # Loss tokens: response tokens; the first token of a node is predicted from its parent's last.
     is_loss = parent[node_of] >= 0
-    first = offset == 0
-    pred = np.where(first, col0[np.maximum(parent[node_of], 0)] + n_tok[np.maximum(parent[node_of], 0)] - 1, col - 1)
-    leaf_len = _response_lengths(forest)
-    share = _seq_share(parent, forest.num_children, leaf_len.astype(np.float64))
+    up = np.maximum(parent[node_of], 0)
+    pred = np.where(within == 0, offset[tok_tree] + col0[up] + n_tok[up] - 1, col - 1)
+    share = _seq_share(parent, forest.num_children, _response_lengths(forest).astype(np.float64))
     nodes = node_of[is_loss]
+    traj = np.bincount(row_of, weights=leaves[forest.roots], minlength=R)
     return TrainBatch(**_tensors(
         input_ids=ids, position_ids=pos, rows=row[is_loss], cols=col[is_loss], pred_cols=pred[is_loss],
         old_logp=forest.token_logprobs[is_loss], advantages=advantage[nodes], mult=leaves[nodes].astype(np.float64),
         seq_share=share[nodes], prefix_w=_prefix_weights(leaves, nodes, prefix_weighting),
-        traj_of_row=leaves[forest.roots].astype(np.int64),
+        traj_of_row=traj.astype(np.int64),
     ), attention_mask=mask)
 
 
-def _token_mask(anc: np.ndarray, node_local: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-    """Additive [T, 1, W, W] mask: 0 where attention is allowed, the dtype's minimum elsewhere."""
-    T, W = node_local.shape
-    valid = node_local >= 0
-    nl = np.where(valid, node_local, 0)
-    allowed = np.take_along_axis(anc[np.arange(T)[:, None], nl], nl[:, None, :], axis=2)  # [T, W, W]
-    allowed &= valid[:, None, :] & valid[:, :, None]
+def _token_mask(anc: np.ndarray, tree_at: np.ndarray, node_local: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """Additive [R, 1, W, W] mask: 0 where attention is allowed, the dtype's minimum elsewhere.
+
+    Token i sees token j iff both belong to the same tree, j's node is an ancestor-or-self of i's
+    node, and j <= i (a node's tokens follow its ancestors' in the row)."""
+    R, W = tree_at.shape
+    t = np.maximum(tree_at, 0)
+    allowed = anc[t[:, :, None], node_local[:, :, None], node_local[:, None, :]]  # [R, W, W]
+    allowed &= (tree_at[:, :, None] == tree_at[:, None, :]) & (tree_at[:, None, :] >= 0)
     allowed &= np.tril(np.ones((W, W), np.bool_))[None]
-    allowed[:, np.arange(W), np.arange(W)] = True  # padding rows attend to themselves: no NaN
-    mask = torch.zeros((T, 1, W, W), dtype=dtype)
+    allowed[:, np.arange(W), np.arange(W)] = True  # padding attends to itself: no NaN rows
+    mask = torch.zeros((R, 1, W, W), dtype=dtype)
     mask.masked_fill_(~torch.from_numpy(allowed)[:, None], torch.finfo(dtype).min)
     return mask

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from ibtpo_fast import walk
+from ibtpo_fast import Forest, walk
 from ibtpo_fast.losses import ppo_clip_loss, token_coefficients
 from ibtpo_fast.packing import flatten, pack_trees
 from ibtpo_fast.policy import supports_tree_packing, token_logprobs
@@ -69,12 +69,20 @@ def test_logprobs_match_per_token():
 
 
 def test_minibatch_select_keeps_rows():
-    f = forest_with_branches(3)
+    f = Forest()  # one big tree and two small ones, which share a row
+    for prompt_len, steps in ((5, 10), (2, 2), (2, 2)):
+        root = f.add_tree(list(range(1, prompt_len + 1)))
+        for _ in range(2):
+            nodes = f.add_chain(root, [[7, 8, 9]] * steps, [-0.5] * (3 * steps))
+            f.set_reward(nodes[-1], float(steps % 3 == 0))
     w = walk(f)
     tree = pack_trees(f, w.advantage, w.leaves, 0)
-    mb = tree.select(np.array([2, 0]))
-    assert mb.num_rows == 2 and mb.num_traj == int(w.leaves[[f.roots[0], f.roots[2]]].sum())
-    assert torch.equal(mb.targets, tree.targets[torch.isin(tree.rows, torch.tensor([0, 2]))])
+    assert tree.num_rows < f.num_trees  # small trees share a row
+    assert tree.num_traj == int(f.is_leaf.sum())
+    last = tree.num_rows - 1
+    mb = tree.select(np.array([last, 0]))
+    assert mb.num_rows == 2 and mb.num_traj == int(tree.traj_of_row[[0, last]].sum())
+    assert torch.equal(mb.targets, tree.targets[torch.isin(tree.rows, torch.tensor([0, last]))])
 
 
 def test_flash_attention_is_not_tree_packable():
