@@ -76,7 +76,7 @@ class TrainConfig:
     mini_batches: int = 1
     seed: int = 0
     eval_k: int = 4  # samples per held-out problem: avg@k and pass@k
-    eval_every: int = 0  # steps; 0: before and after training only
+    eval_every: int = 10  # steps; 0: before and after training only
     max_bad_steps: int = 3  # NaN/inf steps in a row before aborting
     layout: str = "auto"  # tree (tree-packed) | flat (one row per trajectory) | auto: tree where supported
 
