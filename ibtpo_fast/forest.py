@@ -99,12 +99,21 @@ class Forest:
         return np.concatenate([self.node_tokens(v) for v in self.path(i)])
 
     def depth(self) -> np.ndarray:
-        d = np.zeros(self._n, np.int32)
+        """Steps from the root to each node (0 for roots)."""
+        return self._accumulate_down(np.ones(self._n, np.int64)).astype(np.int32)
+
+    def response_lengths(self) -> np.ndarray:
+        """Response tokens on the path from the root down to each node, the node included."""
+        return self._accumulate_down(self.num_tokens)
+
+    def _accumulate_down(self, per_node: np.ndarray) -> np.ndarray:
+        """out[v] = sum of per_node over the steps from the root to v (parents precede children)."""
+        out = np.zeros(self._n, np.int64)
         parent = self.parent
         for i in range(self._n):
             if parent[i] >= 0:
-                d[i] = d[parent[i]] + 1
-        return d
+                out[i] = out[parent[i]] + per_node[i]
+        return out
 
     # ---- building ----------------------------------------------------------------------------
     def _grow(self, nodes: int, tokens: int) -> None:

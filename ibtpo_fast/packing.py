@@ -168,13 +168,6 @@ def _seq_share(parent, num_children, leaf_len):
     return share
 
 
-def _response_lengths(forest: Forest) -> np.ndarray:
-    """Per node: response tokens from the root down to it (what a leaf's trajectory trains on)."""
-    _, pos0, _ = _tree_layout(forest.parent, forest.tree, forest.token_start, forest.token_end, forest.num_trees)
-    prompt = forest.num_tokens[forest.roots][forest.tree]
-    return pos0 + forest.num_tokens - prompt
-
-
 def pack_trees(forest: Forest, advantage: np.ndarray, leaves: np.ndarray, pad_id: int,
                prefix_weighting: str = "none", dtype: torch.dtype = torch.float32) -> TrainBatch:
     parent, tree, n_tok = forest.parent, forest.tree, forest.num_tokens
@@ -200,7 +193,7 @@ def pack_trees(forest: Forest, advantage: np.ndarray, leaves: np.ndarray, pad_id
     is_loss = parent[node_of] >= 0
     up = np.maximum(parent[node_of], 0)
     pred = np.where(within == 0, offset[tok_tree] + col0[up] + n_tok[up] - 1, col - 1)
-    share = _seq_share(parent, forest.num_children, _response_lengths(forest).astype(np.float64))
+    share = _seq_share(parent, forest.num_children, forest.response_lengths().astype(np.float64))
     nodes = node_of[is_loss]
     traj = np.bincount(row_of, weights=leaves[forest.roots], minlength=R)
     return TrainBatch(**_tensors(

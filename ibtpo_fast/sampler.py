@@ -186,7 +186,7 @@ class IBTreeSampler:
         cfg = self.cfg
         score = self._node_scores(forest)
         depth = forest.depth()
-        response_len = self._response_len(forest)
+        response_len = forest.response_lengths()
         open_node = (forest.num_children > 0) & (response_len < cfg.max_new_tokens)
         if cfg.token_budget is not None:
             open_node &= generated[forest.tree] < cfg.token_budget
@@ -217,20 +217,10 @@ class IBTreeSampler:
         total = np.bincount(forest.parent[steps], node_mean[steps], len(forest))
         return total / np.maximum(forest.num_children, 1)
 
-    @staticmethod
-    def _response_len(forest: Forest) -> np.ndarray:
-        """Response tokens on the path from the root down to each node (inclusive)."""
-        out = np.zeros(len(forest), np.int64)
-        parent, n_tok = forest.parent, forest.num_tokens
-        for i in range(len(forest)):
-            if parent[i] >= 0:
-                out[i] = out[parent[i]] + n_tok[i]
-        return out
-
     # ---- accounting ------------------------------------------------------------------------
     def _metrics(self, forest: Forest, generated: np.ndarray, prefix: int, cached: int, timing: dict) -> dict:
         leaves = forest.is_leaf
-        resp_len = self._response_len(forest)[leaves]
+        resp_len = forest.response_lengths()[leaves]
         trajectories = int(leaves.sum())
         total_gen = int(generated.sum())
         rewards = forest.reward[leaves]

@@ -111,6 +111,7 @@ class Trainer:
         self.global_step = 0
         self.bad_steps_in_row = 0
         self.bad_steps_total = 0
+        self._bad_update = False  # set by _apply when a mini-batch's loss or gradient is non-finite
         self._batch_rows: list[PromptRow] = []
         if cfg.run.resume == "auto":
             latest = find_latest(self.ckpt_dir)

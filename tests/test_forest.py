@@ -26,6 +26,7 @@ def test_trajectories_follow_paths():
     np.testing.assert_allclose(f.token_entropies[3:6], [0.5, 0.6, 0.7])
     assert f.logprob_sum[a] == np.float64(np.float64(-0.1) + np.float64(-0.2))
     assert f.depth().tolist() == [0, 1, 2, 2]
+    assert f.response_lengths().tolist() == [0, 2, 3, 5]
 
 
 def test_views_are_not_copies():
