@@ -14,8 +14,8 @@ from transformers import (
 )
 
 from ibtpo_fast.engines import Completion, Engine, Request, SamplingParams, TorchEngine
-from ibtpo_fast.engines import torch_engine
-from ibtpo_fast.engines.torch_engine import _Sampler
+from ibtpo_fast.engines import batch_kv, torch_engine
+from ibtpo_fast.engines.token_sampler import TokenSampler
 
 VOCAB = 256
 CONTEXT = 128
@@ -223,7 +223,7 @@ def test_eviction_keeps_the_cap_and_generation_correct():
 
 def test_rows_finishing_at_different_steps_and_a_growing_buffer(monkeypatch):
     monkeypatch.setattr(torch_engine, "_DECODE_ROOM", 1)  # grow the batch buffer often
-    monkeypatch.setattr(torch_engine, "_MIN_GROWTH", 1)
+    monkeypatch.setattr(batch_kv, "_MIN_GROWTH", 1)
     model = tiny_model("qwen3")
     engine = TorchEngine(model)
     stops = list(range(0, VOCAB, 9))  # common enough that rows stop at scattered steps
@@ -255,7 +255,7 @@ def test_sampling_follows_the_temperature_distribution():
     logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -30.0, 1.5, 0.2]])
     n = 40_000
     params = SamplingParams(temperature=0.7)
-    sampler = _Sampler([params] * n, logits.shape[1], "cpu")
+    sampler = TokenSampler([params] * n, logits.shape[1], "cpu")
     uniforms = torch.rand(n, generator=torch.Generator().manual_seed(0))
     tokens, logprobs, entropies = sampler.sample(logits.expand(n, -1), uniforms)
     expected = torch.softmax(logits[0] / 0.7, -1)
@@ -273,7 +273,7 @@ def test_top_k_top_p_keep_exactly_the_nucleus(top_k, top_p):
     scales = torch.tensor([[0.5], [2.0], [4.0], [8.0]])  # flat to peaked rows
     logits = torch.randn(4, vocab, generator=torch.Generator().manual_seed(1)) * scales
     params = [SamplingParams(top_k=top_k, top_p=top_p)] * 4 + [SamplingParams()]  # one plain row beside them
-    sampler = _Sampler(params, vocab, "cpu")
+    sampler = TokenSampler(params, vocab, "cpu")
     probs = torch.softmax(logits, -1)
     candidates, ids = sampler._truncate(probs)
     for row in range(4):

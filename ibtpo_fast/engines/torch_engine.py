@@ -17,107 +17,15 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
-from transformers.cache_utils import Cache
 
-from ibtpo_fast.engines.protocol import Completion, Request, SamplingParams
+from ibtpo_fast.engines.batch_kv import BatchKV
+from ibtpo_fast.engines.protocol import Completion, Request
 from ibtpo_fast.engines.radix_cache import PrefixMatch, RadixCache
+from ibtpo_fast.engines.token_sampler import TokenSampler
 
-_NUCLEUS_CANDIDATES = 1024  # top-p is first tried within this many top tokens, avoiding a full-vocab sort
 _PREFILL_TOKEN_BUDGET = 8192  # padded tokens (rows x window) in one prefill forward
 _DECODE_ROOM = 256  # columns a batch buffer first holds for decoding
-_MIN_GROWTH = 64  # columns added to the batch buffer when decoding outruns it
 _NO_MATCH = PrefixMatch(0, [], None)
-
-
-class _BatchKV(Cache):
-    """K/V of a whole batch in one buffer [layers, 2, rows, kv_heads, columns, head_dim].
-
-    Rows are left-padded so that all rows end in the same column: a decode step writes one column for
-    every row. Row i's tokens occupy columns [pads[i], cursor); attention reads columns [start, cursor),
-    start being the first column any live row uses. Pad columns are zero (never NaN) and masked.
-    Rows only ever move within the buffer, which is allocated once per batch and grown only when
-    decoding outruns it: fresh memory is costly (page faults), copies of a few rows are not.
-    """
-
-    def __init__(self, shape: tuple[int, ...], pads: list[int], cursor: int, dtype, device) -> None:
-        super().__init__(layers=[])
-        self.buffer = torch.zeros(shape, dtype=dtype, device=device)
-        self.pads = torch.tensor(pads, device=device)
-        self.rows = len(pads)
-        self.start = 0
-        self.cursor = cursor
-        self.focus(0, self.rows, cursor)
-
-    def focus(self, first: int, last: int, cursor: int) -> None:
-        """Let the next forward see rows [first, last) only, writing from column `cursor`."""
-        self._focus, self.cursor = (first, last), cursor
-        self._layers = [(layer[0].narrow(0, first, last - first), layer[1].narrow(0, first, last - first))
-                        for layer in self.buffer]
-
-    def focused_pads(self) -> torch.Tensor:
-        return self.pads[self._focus[0] : self._focus[1]]
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        keys, values = self._layers[layer_idx]
-        end = self.cursor + key_states.shape[2]
-        keys.narrow(2, self.cursor, key_states.shape[2]).copy_(key_states)
-        values.narrow(2, self.cursor, value_states.shape[2]).copy_(value_states)
-        return keys.narrow(2, self.start, end - self.start), values.narrow(2, self.start, end - self.start)
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.cursor - self.start
-
-    def add_copies(self, sources: list[int]) -> None:
-        """Append rows copying rows `sources` (several samples continuing one prefix)."""
-        index = torch.tensor(sources, device=self.pads.device)
-        rows = torch.arange(self.rows, self.rows + len(sources), device=index.device)
-        self.buffer.index_copy_(2, rows, self.buffer.index_select(2, index))
-        self.pads = torch.cat([self.pads, self.pads[index]])
-        self.rows += len(sources)
-        self.focus(0, self.rows, self.cursor)
-
-    def remove(self, dead: list[int]) -> list[int]:
-        """Drop rows `dead` by moving the last live rows into their places; returns, for each remaining
-        row, the row it was before."""
-        dead_set, live = set(dead), self.rows - len(dead)
-        holes = [r for r in dead if r < live]
-        movers = [r for r in range(live, self.rows) if r not in dead_set]
-        order = list(range(live))
-        for hole, mover in zip(holes, movers):
-            order[hole] = mover
-        device = self.pads.device
-        if holes:
-            moved = self.buffer.index_select(2, torch.tensor(movers, device=device))
-            self.buffer.index_copy_(2, torch.tensor(holes, device=device), moved)
-        self.pads = self.pads[torch.tensor(order, device=device)]
-        self.rows = live
-        if live:
-            self.start = int(self.pads.min())  # columns every live row pads are never read again
-        self.focus(0, live, self.cursor)
-        return order
-
-    def reserve(self, columns: int) -> None:
-        """Make room for `columns` more tokens after the cursor."""
-        capacity = self.buffer.shape[4]
-        if self.cursor + columns <= capacity:
-            return
-        shape = list(self.buffer.shape)
-        shape[2] = self.rows
-        shape[4] = self.cursor - self.start + max(columns, _MIN_GROWTH, capacity // 2)
-        grown = torch.empty(shape, dtype=self.buffer.dtype, device=self.buffer.device)
-        # Live columns move to the front; later columns are written before they are read.
-        live = self.cursor - self.start
-        grown[..., :live, :] = self.buffer[:, :, : self.rows, :, self.start : self.cursor]
-        self.buffer = grown
-        self.pads -= self.start
-        self.cursor -= self.start
-        self.start = 0
-        self.focus(0, self.rows, self.cursor)
-
-    def row_kv(self, row: int, n_tokens: int) -> torch.Tensor:
-        """View of row `row`'s first `n_tokens` tokens: [layers, 2, kv_heads, n_tokens, head_dim]."""
-        first = int(self.pads[row])
-        return self.buffer[:, :, row, :, first : first + n_tokens]
 
 
 @dataclass
@@ -163,72 +71,6 @@ class _Row:
             finish_reason=finish_reason,
             cached_tokens=self.cached_tokens,
         )
-
-
-class _Sampler:
-    """Per-row temperature / top-k / top-p sampling for the rows of a batch, by inverse CDF with one
-    uniform per row drawn from the row's own seeded stream."""
-
-    def __init__(self, params: list[SamplingParams], vocab: int, device) -> None:
-        self.device = device
-        self.temperature = torch.tensor([[p.temperature] for p in params], device=device)
-        self.all_unit_temperature = all(p.temperature == 1.0 for p in params)
-        truncated = [i for i, p in enumerate(params) if (0 < p.top_k < vocab) or p.top_p < 1.0]
-        self.truncated = torch.tensor(truncated, dtype=torch.long, device=device) if truncated else None
-        self.full = len(truncated) < len(params)
-        self.top_k = [min(params[i].top_k, vocab) for i in truncated]  # -1: off
-        self.top_p = torch.tensor([params[i].top_p for i in truncated], device=device)
-
-    def sample(self, logits: torch.Tensor, uniforms: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """logits [rows, vocab] -> (tokens, logprobs, entropies), logprobs and entropies over the full
-        vocabulary of softmax(logits / temperature), in fp32."""
-        scaled = logits.float()
-        if not self.all_unit_temperature:
-            scaled = scaled / self.temperature
-        logp = torch.log_softmax(scaled, dim=-1)
-        probs = logp.exp()
-        entropies = -(probs * logp).nan_to_num_(0.0).sum(-1)  # nan only where p = 0 and logp = -inf
-        if self.truncated is None:
-            tokens = _inverse_cdf(probs, uniforms)
-        else:
-            tokens = torch.empty(len(probs), dtype=torch.long, device=self.device)
-            if self.full:
-                tokens.copy_(_inverse_cdf(probs, uniforms))
-            candidates, ids = self._truncate(probs.index_select(0, self.truncated))
-            picked = _inverse_cdf(candidates, uniforms.index_select(0, self.truncated))
-            tokens.index_copy_(0, self.truncated, ids.gather(1, picked[:, None]).squeeze(1))
-        logprobs = logp.gather(1, tokens[:, None]).squeeze(1)
-        return tokens, logprobs, entropies
-
-    def _truncate(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Probabilities of each row's top-k / top-p candidates, sorted descending and zero outside the
-        kept set, with their token ids. Top-p applies to the top-k renormalised distribution."""
-        vocab = probs.shape[1]
-        top_k = torch.tensor([k if k > 0 else vocab for k in self.top_k], device=self.device)
-        width = min(vocab, max(k if k > 0 else vocab for k in self.top_k))
-        if width > _NUCLEUS_CANDIDATES:
-            values, ids = probs.topk(_NUCLEUS_CANDIDATES, dim=-1)
-            # Enough when each row keeps at most that many by top-k, or those tokens already reach top-p.
-            unlimited = torch.tensor([k == -1 for k in self.top_k], device=self.device)
-            fits = (top_k <= _NUCLEUS_CANDIDATES) | (unlimited & (values.sum(-1) >= self.top_p))
-            if not bool(fits.all()):
-                values, ids = probs.topk(width, dim=-1)
-        else:
-            values, ids = probs.topk(width, dim=-1)
-        rank = torch.arange(values.shape[1], device=self.device)
-        values = values.masked_fill(rank >= top_k[:, None], 0.0)
-        # Mass of the top-k set: the whole row when top-k is off (the candidates may be cut short).
-        total = torch.where(top_k >= vocab, probs.sum(-1), values.sum(-1))
-        mass_before = values.cumsum(-1) - values
-        return values.masked_fill(mass_before >= (self.top_p * total)[:, None], 0.0), ids
-
-
-def _inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """Index of the first token whose cumulative probability exceeds u * total (never a p = 0 token)."""
-    cdf = probs.cumsum(-1)
-    total = cdf[:, -1:]
-    target = torch.minimum(uniforms[:, None] * total, total.nextafter(torch.zeros_like(total)))
-    return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_max_(probs.shape[1] - 1)
 
 
 @contextmanager
@@ -406,7 +248,7 @@ class TorchEngine:
         order = sorted(range(len(prefixes)), key=suffix.__getitem__)
         width = max(len(ids) for ids in prefixes)
         shape = (self.n_layers, 2, batch, self.kv_heads, width + min(room, _DECODE_ROOM), self.head_dim)
-        kv = _BatchKV(shape, [width - len(prefixes[u]) for u in order], width, self._dtype(), self._device())
+        kv = BatchKV(shape, [width - len(prefixes[u]) for u in order], width, self._dtype(), self._device())
         logits = None
         for first, last, window in self._prefill_groups([suffix[u] for u in order]):
             group = order[first:last]
@@ -435,7 +277,7 @@ class TorchEngine:
         if suffixes:
             yield first, len(suffixes), suffixes[-1]
 
-    def _copy_cached(self, kv: _BatchKV, row: int, match: PrefixMatch, n_tokens: int) -> None:
+    def _copy_cached(self, kv: BatchKV, row: int, match: PrefixMatch, n_tokens: int) -> None:
         """Copy the first `n_tokens` cached tokens of a prefix into its row."""
         column = int(kv.pads[row])
         for chunk in match.kv:
@@ -445,7 +287,7 @@ class TorchEngine:
             kv.buffer[:, :, row, :, column : column + n] = chunk[:, :, :, :n]
             column, n_tokens = column + n, n_tokens - n
 
-    def _forward_prefill(self, kv: _BatchKV, prefixes: list[list[int]], window: int) -> torch.Tensor:
+    def _forward_prefill(self, kv: BatchKV, prefixes: list[list[int]], window: int) -> torch.Tensor:
         device = self._device()
         ids = [p[-window:] if len(p) >= window else [0] * (window - len(p)) + p for p in prefixes]
         lengths = torch.tensor([len(p) for p in prefixes], device=device)
@@ -464,7 +306,7 @@ class TorchEngine:
         kv.cursor += window
         return logits
 
-    def _forward(self, ids, positions, mask, distance, kv: _BatchKV) -> torch.Tensor:
+    def _forward(self, ids, positions, mask, distance, kv: BatchKV) -> torch.Tensor:
         """Run the model on `ids` [rows, q] with a boolean `mask` [rows, 1, q, kv_len]; returns the last
         position's logits [rows, vocab]."""
         masks = {"full_attention": mask}
@@ -485,11 +327,11 @@ class TorchEngine:
         return out.logits[:, -1]
 
     def _decode(
-        self, rows: list[_Row], kv: _BatchKV, logits: torch.Tensor
+        self, rows: list[_Row], kv: BatchKV, logits: torch.Tensor
     ) -> Iterator[tuple[int, Completion]]:
         device = self._device()
         vocab = logits.shape[1]
-        sampler = _Sampler([row.request.sampling for row in rows], vocab, device)
+        sampler = TokenSampler([row.request.sampling for row in rows], vocab, device)
         while True:
             uniforms = torch.tensor([row.rng.random() for row in rows], dtype=torch.float32, device=device)
             tokens, logprobs, entropies = sampler.sample(logits, uniforms)
@@ -511,11 +353,11 @@ class TorchEngine:
                 order = kv.remove(finished)
                 rows = [rows[i] for i in order]
                 tokens = tokens[order]
-                sampler = _Sampler([row.request.sampling for row in rows], vocab, device)
+                sampler = TokenSampler([row.request.sampling for row in rows], vocab, device)
             kv.reserve(1)
             logits = self._forward_decode(tokens, kv)
 
-    def _forward_decode(self, tokens: torch.Tensor, kv: _BatchKV) -> torch.Tensor:
+    def _forward_decode(self, tokens: torch.Tensor, kv: BatchKV) -> torch.Tensor:
         columns = torch.arange(kv.start, kv.cursor + 1, device=tokens.device)
         mask = (columns[None, :] >= kv.pads[:, None])[:, None, None]
         distance = kv.cursor - columns
