@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -17,17 +17,25 @@ from ibtpo_fast.data import PromptRow, encode_prompt, load_files
 from ibtpo_fast.engines.protocol import SamplingParams
 from ibtpo_fast.engines.torch_engine import TorchEngine
 from ibtpo_fast.evaluation import evaluate
-from ibtpo_fast.rewards import RewardScorer, load_reward_fn
+from ibtpo_fast.rewards import RewardScorer, default_math_reward, load_reward_fn
 
 
-def _rows(data: str, n: int) -> tuple[list[PromptRow], object]:
+def _rows(data: str, n: int) -> list[PromptRow]:
     if data == "arithmetic":
-        from ibtpo_fast.tasks import DATA_SOURCE, compute_score, make_split
+        from ibtpo_fast.tasks import prompt_rows
 
-        return [PromptRow(p.prompt, p.answer, DATA_SOURCE, {}, i) for i, p in enumerate(make_split("test", n))], compute_score
-    from ibtpo_fast.rewards import math_verify_score
+        return prompt_rows("test", n)
+    return load_files(data)[:n]
 
-    return load_files(data)[:n], math_verify_score
+
+def _reward_fn(data: str, spec: str) -> Any:
+    if spec:
+        return load_reward_fn(spec)
+    if data == "arithmetic":
+        from ibtpo_fast.tasks import compute_score
+
+        return compute_score
+    return default_math_reward()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -53,9 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = AutoModelForCausalLM.from_pretrained(args.model).to(device)
     tok = AutoTokenizer.from_pretrained(args.model)
-    rows, fn = _rows(args.data, args.n)
-    if args.reward_fn:
-        fn = load_reward_fn(args.reward_fn)
+    rows, fn = _rows(args.data, args.n), _reward_fn(args.data, args.reward_fn)
     prompts = [encode_prompt(r, tok, args.max_prompt_tokens) for r in rows]
     with RewardScorer(fn, workers=1 if args.reward_fn else 0) as scorer:
         result = evaluate(TorchEngine(model, tokenizer=tok), tok, prompts, rows, scorer, k=args.k,

@@ -329,6 +329,14 @@ class RewardScorer:
 # ---------------------------------------------------------------- bundled reward functions
 
 
+def default_math_reward() -> RewardFn:
+    """`math_verify_score`, checked up front: a missing grader would otherwise score every item 0."""
+    if importlib.util.find_spec("math_verify") is None:
+        raise ImportError("the default math grader needs math-verify: pip install 'ibtpo_fast[math]', "
+                          "or name a grader with data.reward_fn=module:function")
+    return math_verify_score
+
+
 def math_verify_score(data_source: str, solution_str: str, ground_truth: str, extra_info: dict | None = None) -> float:
     """1.0 when math-verify finds the solution's answer equal to the ground truth, else 0.0.
 

@@ -23,7 +23,7 @@ from ibtpo_fast.evaluation import evaluate
 from ibtpo_fast.losses import ppo_clip_loss, token_coefficients
 from ibtpo_fast.packing import TrainBatch, flatten, pack_trees
 from ibtpo_fast.policy import supports_tree_packing, token_logprobs
-from ibtpo_fast.rewards import RewardScorer, load_reward_fn
+from ibtpo_fast.rewards import RewardScorer, default_math_reward, load_reward_fn
 from ibtpo_fast.runlog import RunLogger, plot_metrics, read_metrics
 from ibtpo_fast.sampler import IBTreeSampler, SamplerConfig
 from ibtpo_fast.walk import walk
@@ -39,23 +39,14 @@ class Task:
 
 def load_task(cfg: Config) -> Task:
     if cfg.data.task == "arithmetic":
-        from ibtpo_fast.tasks import DATA_SOURCE, compute_score, make_split
-
-        def rows(split: str, n: int) -> list[PromptRow]:
-            return [PromptRow(p.prompt, p.answer, DATA_SOURCE, {}, i) for i, p in enumerate(make_split(split, n))]
+        from ibtpo_fast.tasks import compute_score, prompt_rows
 
         fn = load_reward_fn(cfg.data.reward_fn) if cfg.data.reward_fn else compute_score
-        return Task(rows("train", 4096), rows("test", cfg.data.val_size), fn, 1 if cfg.data.reward_fn else 0)
-    fn = load_reward_fn(cfg.data.reward_fn) if cfg.data.reward_fn else _default_file_reward()
+        return Task(prompt_rows("train", 4096), prompt_rows("test", cfg.data.val_size), fn, 1 if cfg.data.reward_fn else 0)
+    fn = load_reward_fn(cfg.data.reward_fn) if cfg.data.reward_fn else default_math_reward()
     train = load_files(cfg.data.train_files)
     val = load_files(cfg.data.val_files)[: cfg.data.val_size] if cfg.data.val_files else []
     return Task(train, val, fn, 2)
-
-
-def _default_file_reward() -> Any:
-    from ibtpo_fast.rewards import math_verify_score
-
-    return math_verify_score
 
 
 def resolve_device(name: str) -> torch.device:

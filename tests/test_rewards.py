@@ -86,3 +86,14 @@ def test_math_verify_score():
     assert math_verify_score("math", "The answer is 42.", "42") == 1.0
     assert math_verify_score("math", "I think 41", "42") == 0.0
     assert math_verify_score("math", "", "42") == 0.0
+
+
+def test_default_math_reward_fails_up_front_without_math_verify(monkeypatch):
+    import importlib.util
+
+    from ibtpo_fast.rewards import default_math_reward
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "math_verify" else real(name, *a))
+    with pytest.raises(ImportError, match="pip install 'ibtpo_fast\\[math\\]'"):
+        default_math_reward()

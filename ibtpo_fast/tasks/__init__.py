@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ibtpo_fast.data import PromptRow
+
 from ibtpo_fast.tasks.arithmetic import (
     DATA_SOURCE,
     STEP_DELIMITER,
@@ -13,6 +15,11 @@ from ibtpo_fast.tasks.arithmetic import (
     iter_problems,
     make_split,
 )
+
+
+def prompt_rows(split: str, n: int) -> list[PromptRow]:
+    """The first n problems of a split, as the trainer's and evaluator's prompt rows."""
+    return [PromptRow(p.prompt, p.answer, DATA_SOURCE, {}, i) for i, p in enumerate(make_split(split, n))]
 
 
 def tiny_model_path() -> Path:
@@ -29,5 +36,6 @@ __all__ = [
     "extract_answer",
     "iter_problems",
     "make_split",
+    "prompt_rows",
     "tiny_model_path",
 ]
