@@ -2,7 +2,8 @@
 
 - the step split into rollout, reward, walk, update and sync, with generated tokens per second;
 - tree-packed against flattened training on the same rollout: tokens processed, update time and
-  peak memory (target: <= 0.7x the tokens processed, a matching drop in time, identical loss).
+  peak memory (target: <= 0.7x the tokens processed, a matching drop in time, identical loss), for
+  the default `gather` tree attention and, as extra information, the dense-mask reference.
 
 Run: pytest bench/bench_train.py --benchmark-only
 """
@@ -39,16 +40,19 @@ def test_step_breakdown(benchmark, tmp_path):
     assert all(v >= 0 for v in parts.values())
 
 
-def _batches(trainer: Trainer):
+def _batches(trainer: Trainer) -> dict:
+    """One rollout as the trainer packs it (`tree`), with narrow rows under a dense mask, and flattened."""
     trainer._batch_rows = trainer.task.train[: trainer.cfg.data.batch_size]
     rollout = trainer.sampler.sample(trainer.train_prompts[: trainer.cfg.data.batch_size])
     w = walk(rollout.forest)
     pad = trainer.tokenizer.pad_token_id
-    return rollout.forest, flatten(rollout.forest, w.advantage, w.leaves, pad), pack_trees(rollout.forest, w.advantage, w.leaves, pad)
+    return {"tree": trainer.pack(rollout.forest, w), "mask": pack_trees(rollout.forest, w.advantage, w.leaves, pad),
+            "flat": flatten(rollout.forest, w.advantage, w.leaves, pad)}
 
 
-def _update_loss(trainer: Trainer, batch) -> tuple[float, float]:
+def _update_loss(trainer: Trainer, batch, backend: str = "gather") -> tuple[float, float]:
     """Loss and time of one forward + backward from the trainer's current weights."""
+    trainer.tree_attention = backend
     trainer.model.zero_grad()
     t0 = time.perf_counter()
     loss, _ = trainer._loss(batch, None)
@@ -60,20 +64,28 @@ def _update_loss(trainer: Trainer, batch) -> tuple[float, float]:
 def test_tree_packed_vs_flattened(benchmark, tmp_path):
     trainer = make_trainer(tmp_path, 2 if benchmark.disabled else BATCH)
     trainer.cfg.algo.kl_coef = 0.0
-    _, flat, tree = _batches(trainer)
-    _update_loss(trainer, tree), _update_loss(trainer, flat)  # warm-up
+    assert trainer.layout == "tree" and trainer.tree_attention == "gather"  # the defaults on this model
+    batches = _batches(trainer)
+    backend = {"tree": "gather", "mask": "mask", "flat": "gather"}
+    for name, b in batches.items():
+        _update_loss(trainer, b, backend[name])  # warm-up
     rounds = 1 if benchmark.disabled else 5
-    tree_loss, _ = benchmark.pedantic(_update_loss, (trainer, tree), rounds=rounds, iterations=1)
-    t_tree = benchmark.stats.stats.min if not benchmark.disabled else 1.0
-    flat_runs = [_update_loss(trainer, flat) for _ in range(rounds)]
-    flat_loss, t_flat = flat_runs[0][0], min(t for _, t in flat_runs)
-    assert tree_loss == pytest.approx(flat_loss, rel=1e-5)
-    info = dict(tokens_tree=tree.tokens_processed, tokens_flat=flat.tokens_processed,
-                tokens_ratio=tree.tokens_processed / flat.tokens_processed, loss_tree=tree_loss, loss_flat=flat_loss)
+    tree_loss, _ = benchmark.pedantic(_update_loss, (trainer, batches["tree"]), rounds=rounds, iterations=1)
+    times = {"tree": benchmark.stats.stats.min if not benchmark.disabled else 1.0}
+    losses = {"tree": tree_loss}
+    for name in ("mask", "flat"):  # interleaved rounds: every layout sees the same machine load
+        runs = [_update_loss(trainer, batches[name], backend[name]) for _ in range(rounds)]
+        losses[name], times[name] = runs[0][0], min(t for _, t in runs)
+    assert losses["tree"] == pytest.approx(losses["flat"], rel=1e-5)
+    assert losses["mask"] == pytest.approx(losses["flat"], rel=1e-5)
+    info = {f"tokens_{k}": b.tokens_processed for k, b in batches.items()}
+    info.update(tokens_ratio=info["tokens_tree"] / info["tokens_flat"],
+                tokens_ratio_mask=info["tokens_mask"] / info["tokens_flat"], **{f"loss_{k}": v for k, v in losses.items()})
     if not benchmark.disabled:
         mem = {layout: _peak_rss(layout, tmp_path) for layout in ("tree", "flat")}
-        info.update(time_ratio=t_tree / t_flat, peak_mib_tree=mem["tree"] / 2**20, peak_mib_flat=mem["flat"] / 2**20,
-                    peak_ratio=mem["tree"] / mem["flat"])
+        info.update(time_ratio=times["tree"] / times["flat"], time_ratio_mask=times["mask"] / times["flat"],
+                    **{f"time_s_{k}": v for k, v in times.items()}, peak_mib_tree=mem["tree"] / 2**20,
+                    peak_mib_flat=mem["flat"] / 2**20, peak_ratio=mem["tree"] / mem["flat"])
     benchmark.extra_info.update(info)
     assert info["tokens_ratio"] <= 0.7
 
@@ -95,9 +107,7 @@ def _status_kib(field: str) -> int:
 def _child(layout: str, tmp: str) -> None:
     trainer = make_trainer(Path(tmp), BATCH)
     trainer.cfg.algo.kl_coef = 0.0
-    _, flat, tree = _batches(trainer)
-    batch = tree if layout == "tree" else flat
-    del flat, tree
+    batch = _batches(trainer)[layout]
     base = _status_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     _update_loss(trainer, batch)

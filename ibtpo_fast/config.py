@@ -79,6 +79,7 @@ class TrainConfig:
     eval_every: int = 10  # steps; 0: before and after training only
     max_bad_steps: int = 3  # NaN/inf steps in a row before aborting
     layout: str = "auto"  # tree (tree-packed) | flat (one row per trajectory) | auto: tree where supported
+    tree_attention: str = "auto"  # gather | mask | flex | auto: flex for flex_attention models, else gather
 
 
 @dataclass
@@ -127,6 +128,7 @@ _CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "data.task": ("arithmetic", "file"),
     "train.layout": ("auto", "tree", "flat"),
+    "train.tree_attention": ("auto", "gather", "mask", "flex"),
 }
 _POSITIVE = {"data.batch_size", "data.max_prompt_tokens", "rollout.max_new_tokens", "rollout.temperature",
              "rollout.top_p", "rollout.max_cache_tokens", "rollout.reward_timeout_s", "algo.beta",

@@ -1,27 +1,28 @@
 """Turn a walked Forest into training tensors, in one of two layouts.
 
 `flatten`: one right-padded row per trajectory (prompt + path); shared prefixes are repeated.
-`pack_trees`: each unique token once, trees packed into rows (first-fit), attention restricted
-to ancestors in the same tree by a 4D mask, positions by depth; each loss token stands for every trajectory through
-it. Both describe a loss token by `mult` (trajectories through it) and `seq_share` (sum over
+`pack_trees`: each unique token once, trees packed into rows (first-fit), positions by depth,
+attention restricted to ancestors (`TreeMask`); each loss token stands for every trajectory through it. Both describe a loss token by `mult` (trajectories through it) and `seq_share` (sum over
 those trajectories of 1 / trajectory length), so every loss aggregation gives the same loss and
 gradient in both layouts.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Optional
 
 import numba
 import numpy as np
 import torch
 
 from ibtpo_fast.forest import Forest
+from ibtpo_fast.tree_attention import TreeMask, ancestor_table
 
 
 @dataclass
 class TrainBatch:
     input_ids: torch.Tensor  # [R, W]
-    attention_mask: torch.Tensor  # [R, W] (flattened) or [R, 1, W, W] additive float (tree-packed)
+    attention_mask: torch.Tensor  # [R, W]: 1 on tokens, 0 on padding
     position_ids: torch.Tensor  # [R, W]
     # One entry per loss token: target = input_ids[row, col], predicted from the hidden state at pred_col.
     rows: torch.Tensor
@@ -33,6 +34,7 @@ class TrainBatch:
     seq_share: torch.Tensor  # sum over those trajectories of 1 / response length
     prefix_w: torch.Tensor  # prefix weighting (1, or 1 / sqrt(leaves below the token's node))
     traj_of_row: torch.Tensor  # [R] trajectories each row stands for
+    tree: Optional[TreeMask] = None  # tree-packed rows: who may attend to whom
 
     @property
     def num_traj(self) -> int:
@@ -58,12 +60,11 @@ class TrainBatch:
         remap = torch.full((self.num_rows,), -1, dtype=torch.long)
         remap[idx] = torch.arange(len(idx))
         width = int(self.cols[keep].max()) + 1 if keep.any() else 1
-        mask = self.attention_mask[idx]
-        mask = mask[..., :width, :width] if mask.ndim == 4 else mask[:, :width]
         per_token = {f.name: getattr(self, f.name)[keep] for f in fields(self)
                      if f.name in ("cols", "pred_cols", "old_logp", "advantages", "mult", "seq_share", "prefix_w")}
-        return TrainBatch(self.input_ids[idx, :width], mask, self.position_ids[idx, :width], rows=remap[self.rows[keep]],
-                          traj_of_row=self.traj_of_row[idx], **per_token)
+        return TrainBatch(self.input_ids[idx, :width], self.attention_mask[idx, :width], self.position_ids[idx, :width],
+                          rows=remap[self.rows[keep]], traj_of_row=self.traj_of_row[idx],
+                          tree=None if self.tree is None else self.tree.select(idx, width), **per_token)
 
 
 def _prefix_weights(leaves: np.ndarray, nodes: np.ndarray, mode: str) -> np.ndarray:
@@ -103,10 +104,9 @@ def flatten(forest: Forest, advantage: np.ndarray, leaves: np.ndarray, pad_id: i
     ))
 
 
-def _rows_for_trees(tree_len: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-    """First-fit decreasing: several small trees share a row as wide as the widest tree, so rows
-    carry little padding. Returns each tree's row and column offset, and the number of rows."""
-    width = int(tree_len.max())
+def _rows_for_trees(tree_len: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """First-fit decreasing into rows of `width` columns, so rows carry little padding. Returns each
+    tree's row and column offset, and the number of rows."""
     row_of, offset = np.zeros(len(tree_len), np.int64), np.zeros(len(tree_len), np.int64)
     fill: list[int] = []
     for t in np.argsort(-tree_len, kind="stable"):
@@ -116,6 +116,17 @@ def _rows_for_trees(tree_len: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
         row_of[t], offset[t] = r, fill[r]
         fill[r] += int(tree_len[t])
     return row_of, offset, len(fill)
+
+
+def _balanced_rows(tree_len: np.ndarray, num_rows: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Largest tree first into the emptiest of `num_rows` rows: rows of near-equal width."""
+    row_of, offset = np.zeros(len(tree_len), np.int64), np.zeros(len(tree_len), np.int64)
+    fill = np.zeros(num_rows, np.int64)
+    for t in np.argsort(-tree_len, kind="stable"):
+        r = int(np.argmin(fill))
+        row_of[t], offset[t] = r, fill[r]
+        fill[r] += tree_len[t]
+    return row_of, offset, num_rows
 
 
 @numba.njit(cache=True)
@@ -136,26 +147,6 @@ def _tree_layout(parent, tree, token_start, token_end, num_trees):
 
 
 @numba.njit(cache=True)
-def _ancestor_closure(parent, tree, num_trees):
-    """local[v]: index of v within its tree; anc[t][i, j]: node j of tree t is an ancestor-or-self of node i."""
-    n = len(parent)
-    local = np.zeros(n, np.int64)
-    count = np.zeros(num_trees, np.int64)
-    for v in range(n):
-        local[v] = count[tree[v]]
-        count[tree[v]] += 1
-    size = count.max()
-    anc = np.zeros((num_trees, size, size), np.bool_)
-    for v in range(n):
-        t, i = tree[v], local[v]
-        anc[t, i, i] = True
-        u = parent[v]
-        if u >= 0:
-            anc[t, i, : count[t]] |= anc[t, local[u], : count[t]]
-    return local, anc
-
-
-@numba.njit(cache=True)
 def _seq_share(parent, num_children, leaf_len):
     """Per node: sum over the leaves below it of 1 / (response length of the leaf's trajectory)."""
     n = len(parent)
@@ -169,13 +160,18 @@ def _seq_share(parent, num_children, leaf_len):
 
 
 def pack_trees(forest: Forest, advantage: np.ndarray, leaves: np.ndarray, pad_id: int,
-               prefix_weighting: str = "none", dtype: torch.dtype = torch.float32) -> TrainBatch:
+               prefix_weighting: str = "none", num_rows: int | None = None) -> TrainBatch:
+    """Rows as wide as the widest tree (`num_rows=None`: what a dense mask wants, its cost being
+    quadratic in the width), or about `num_rows` rows sharing the trees evenly, with next to no
+    padding (for gather and flex attention, whose cost does not grow with the width)."""
     parent, tree, n_tok = forest.parent, forest.tree, forest.num_tokens
     T = forest.num_trees
     col0, pos0, tree_len = _tree_layout(parent, tree, forest.token_start, forest.token_end, T)
-    row_of, offset, R = _rows_for_trees(tree_len)
-    local, anc = _ancestor_closure(parent, tree, T)
-    width = int(tree_len.max())
+    if num_rows is None:
+        row_of, offset, R = _rows_for_trees(tree_len, int(tree_len.max()))
+    else:
+        row_of, offset, R = _balanced_rows(tree_len, min(num_rows, T))
+    width = int((offset + tree_len).max())
     node_of = np.repeat(np.arange(len(forest)), n_tok)  # flat token -> node
     within = np.arange(len(node_of)) - forest.token_start[node_of]  # index within its node
     tok_tree = tree[node_of]
@@ -184,11 +180,8 @@ def pack_trees(forest: Forest, advantage: np.ndarray, leaves: np.ndarray, pad_id
     ids[row, col] = forest.tokens
     pos = np.zeros((R, width), np.int64)
     pos[row, col] = pos0[node_of] + within
-    tree_at = np.full((R, width), -1, np.int64)
-    tree_at[row, col] = tok_tree
-    node_local = np.zeros((R, width), np.int64)
-    node_local[row, col] = local[node_of]
-    mask = _token_mask(anc, tree_at, node_local, dtype)
+    node_at = np.full((R, width), -1, np.int64)
+    node_at[row, col] = node_of
     # Loss tokens: response tokens; the first token of a node is predicted from its parent's last.
     is_loss = parent[node_of] >= 0
     up = np.maximum(parent[node_of], 0)
@@ -196,25 +189,11 @@ def pack_trees(forest: Forest, advantage: np.ndarray, leaves: np.ndarray, pad_id
     share = _seq_share(parent, forest.num_children, forest.response_lengths().astype(np.float64))
     nodes = node_of[is_loss]
     traj = np.bincount(row_of, weights=leaves[forest.roots], minlength=R)
+    depth = forest.depth().astype(np.int64)
+    mask = TreeMask(torch.from_numpy(node_at), torch.from_numpy(ancestor_table(parent, depth)), torch.from_numpy(depth))
     return TrainBatch(**_tensors(
-        input_ids=ids, position_ids=pos, rows=row[is_loss], cols=col[is_loss], pred_cols=pred[is_loss],
-        old_logp=forest.token_logprobs[is_loss], advantages=advantage[nodes], mult=leaves[nodes].astype(np.float64),
+        input_ids=ids, attention_mask=node_at >= 0, position_ids=pos, rows=row[is_loss], cols=col[is_loss],
+        pred_cols=pred[is_loss],        old_logp=forest.token_logprobs[is_loss], advantages=advantage[nodes], mult=leaves[nodes].astype(np.float64),
         seq_share=share[nodes], prefix_w=_prefix_weights(leaves, nodes, prefix_weighting),
         traj_of_row=traj.astype(np.int64),
-    ), attention_mask=mask)
-
-
-def _token_mask(anc: np.ndarray, tree_at: np.ndarray, node_local: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-    """Additive [R, 1, W, W] mask: 0 where attention is allowed, the dtype's minimum elsewhere.
-
-    Token i sees token j iff both belong to the same tree, j's node is an ancestor-or-self of i's
-    node, and j <= i (a node's tokens follow its ancestors' in the row)."""
-    R, W = tree_at.shape
-    t = np.maximum(tree_at, 0)
-    allowed = anc[t[:, :, None], node_local[:, :, None], node_local[:, None, :]]  # [R, W, W]
-    allowed &= (tree_at[:, :, None] == tree_at[:, None, :]) & (tree_at[:, None, :] >= 0)
-    allowed &= np.tril(np.ones((W, W), np.bool_))[None]
-    allowed[:, np.arange(W), np.arange(W)] = True  # padding attends to itself: no NaN rows
-    mask = torch.zeros((R, 1, W, W), dtype=dtype)
-    mask.masked_fill_(~torch.from_numpy(allowed)[:, None], torch.finfo(dtype).min)
-    return mask
+    ), tree=mask)

@@ -9,6 +9,11 @@ import torch
 
 from ibtpo_fast.kernels import logprob_entropy
 from ibtpo_fast.packing import TrainBatch
+from ibtpo_fast.tree_attention import GATHER_ATTENTION, TREE_ATTENTION_BACKENDS, attention_implementation
+
+# Attention implementations a model may be loaded with for tree-packed training: transformers routes
+# their layers through its attention interface (which `gather` hooks) and passes 4D masks through.
+TREE_PACKED_ATTENTION = ("sdpa", "eager", "flex_attention")
 
 
 def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linear]:
@@ -19,24 +24,53 @@ def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.
     return base, head
 
 
-def token_logprobs(model: torch.nn.Module, batch: TrainBatch, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logp, entropy) of every loss token of `batch`, under softmax(logits / temperature)."""
+def supports_tree_packing(model: torch.nn.Module) -> bool:
+    """The Llama, Qwen2 and Qwen3 families (and other models built on transformers' attention
+    interface) loaded with sdpa, eager or flex_attention; flash-attention kernels take no tree mask."""
+    return getattr(model.config, "_attn_implementation", None) in TREE_PACKED_ATTENTION
+
+
+def resolve_tree_attention(model: torch.nn.Module, choice: str = "auto") -> str:
+    """The tree attention backend for `model`: `auto` is flex for flex_attention models, else gather."""
+    impl = getattr(model.config, "_attn_implementation", None)
+    if choice == "auto":
+        return "flex" if impl == "flex_attention" else "gather"
+    if choice not in TREE_ATTENTION_BACKENDS:
+        raise ValueError(f"tree_attention must be auto or one of {TREE_ATTENTION_BACKENDS}, got {choice!r}")
+    if choice == "flex" and impl != "flex_attention":
+        raise ValueError(f"tree_attention=flex needs the model loaded with attn_implementation='flex_attention', "
+                         f"not {impl!r}")
+    if choice == "mask" and impl not in ("sdpa", "eager"):
+        raise ValueError(f"tree_attention=mask needs sdpa or eager attention, not {impl!r}")
+    return choice
+
+
+def _decode(base: torch.nn.Module, batch: TrainBatch, device: torch.device, dtype: torch.dtype,
+            tree_attention: str) -> torch.Tensor:
+    """Final hidden states [R, W, hidden] of the decoder over `batch`."""
+    ids, pos = batch.input_ids.to(device), batch.position_ids.to(device)
+    if batch.tree is None:
+        return base(input_ids=ids, attention_mask=batch.attention_mask.to(device), position_ids=pos).last_hidden_state
+    backend = resolve_tree_attention(base, tree_attention)
+    if backend == "mask":
+        return base(input_ids=ids, attention_mask=batch.tree.dense(dtype).to(device), position_ids=pos).last_hidden_state
+    if backend == "flex":
+        return base(input_ids=ids, attention_mask=batch.tree.block_mask(device), position_ids=pos).last_hidden_state
+    chains = batch.tree.chains().to(device)
+    with attention_implementation(base.config, GATHER_ATTENTION):
+        hidden = base(input_ids=ids, position_ids=pos, tree_chains=chains).last_hidden_state
+    if chains.calls == 0:  # the layers never asked transformers' attention interface: nothing was masked
+        raise ValueError(f"{type(base).__name__} does not route attention through transformers' attention "
+                         "interface; set train.tree_attention=mask or train.layout=flat")
+    return hidden
+
+
+def token_logprobs(model: torch.nn.Module, batch: TrainBatch, temperature: float,
+                   tree_attention: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """(logp, entropy) of every loss token of `batch`, under softmax(logits / temperature).
+    `tree_attention` picks how tree-packed rows are masked (see `ibtpo_fast.tree_attention`)."""
     base, head = decoder_and_head(model)
     device = head.weight.device
-    mask = batch.attention_mask.to(device)
-    if mask.ndim == 4:
-        mask = mask.to(head.weight.dtype)
-    out = base(input_ids=batch.input_ids.to(device), attention_mask=mask, position_ids=batch.position_ids.to(device))
-    hidden = out.last_hidden_state[batch.rows.to(device), batch.pred_cols.to(device)]
+    out = _decode(base, batch, device, head.weight.dtype, tree_attention)
+    hidden = out[batch.rows.to(device), batch.pred_cols.to(device)]
     return logprob_entropy(hidden, head.weight, batch.targets.to(device), temperature=temperature, bias=head.bias)
-
-
-# Attention implementations that honour a custom 4D mask and explicit position ids.
-TREE_PACKED_ATTENTION = ("sdpa", "eager")
-
-
-def supports_tree_packing(model: torch.nn.Module) -> bool:
-    """Tree-packed training needs an ancestor mask: sdpa and eager attention take one as is
-    (the Llama, Qwen2 and Qwen3 families, and other models built on transformers' masking utils);
-    flash-attention kernels take no arbitrary mask."""
-    return getattr(model.config, "_attn_implementation", None) in TREE_PACKED_ATTENTION

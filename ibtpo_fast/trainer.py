@@ -22,7 +22,7 @@ from ibtpo_fast.engines.torch_engine import TorchEngine
 from ibtpo_fast.evaluation import evaluate
 from ibtpo_fast.losses import ppo_clip_loss, token_coefficients
 from ibtpo_fast.packing import TrainBatch, flatten, pack_trees
-from ibtpo_fast.policy import supports_tree_packing, token_logprobs
+from ibtpo_fast.policy import resolve_tree_attention, supports_tree_packing, token_logprobs
 from ibtpo_fast.rewards import RewardScorer, default_math_reward, load_reward_fn
 from ibtpo_fast.runlog import RunLogger, plot_metrics, read_metrics
 from ibtpo_fast.sampler import IBTreeSampler, SamplerConfig
@@ -88,6 +88,7 @@ class Trainer:
         self.stream = PromptStream(list(range(len(self.task.train))), cfg.data.batch_size, cfg.data.seed)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.layout, self.tree_attention = self._resolve_layout()
         self.engine = TorchEngine(self.model, tokenizer=self.tokenizer, max_cache_tokens=cfg.rollout.max_cache_tokens)
         self.stop_ids = self._stop_ids()
         self.sampling = SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k)
@@ -199,14 +200,19 @@ class Trainer:
         m["timing/rollout"] -= m["timing/reward"]  # the sampler's reward calls ran inside the rollout
         return m
 
-    def pack(self, forest, w) -> TrainBatch:
+    def _resolve_layout(self) -> tuple[str, str]:
+        """(layout, tree attention backend); a bad choice fails here, before any work."""
         layout = self.cfg.train.layout
         if layout == "auto":
             layout = "tree" if supports_tree_packing(self.model) else "flat"
+        backend = resolve_tree_attention(self.model, self.cfg.train.tree_attention) if layout == "tree" else "auto"
+        return layout, backend
+
+    def pack(self, forest, w) -> TrainBatch:
         pad = self.tokenizer.pad_token_id or 0
-        if layout == "tree":
-            return pack_trees(forest, w.advantage, w.leaves, pad, self.cfg.algo.prefix_weighting,
-                              dtype=self.model.dtype)
+        if self.layout == "tree":  # a dense mask wants narrow rows; gather and flex, one row per mini-batch
+            rows = None if self.tree_attention == "mask" else self.cfg.train.mini_batches
+            return pack_trees(forest, w.advantage, w.leaves, pad, self.cfg.algo.prefix_weighting, rows)
         return flatten(forest, w.advantage, w.leaves, pad, self.cfg.algo.prefix_weighting)
 
     def update(self, batch: TrainBatch) -> dict[str, float]:
@@ -247,7 +253,7 @@ class Trainer:
 
     def _loss(self, mb: TrainBatch, ref_logp: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, float]]:
         a = self.cfg.algo
-        logp, entropy = token_logprobs(self.model, mb, self.cfg.rollout.temperature)
+        logp, entropy = token_logprobs(self.model, mb, self.cfg.rollout.temperature, self.tree_attention)
         dev = logp.device
         coef = token_coefficients(a.loss_agg, mb.mult, mb.seq_share, mb.num_traj).to(dev) * mb.prefix_w.to(dev)
         return ppo_clip_loss(logp, mb.old_logp.to(dev), mb.advantages.to(dev), coef, clip_low=a.clip_low,
@@ -256,7 +262,7 @@ class Trainer:
 
     @torch.no_grad()
     def _ref_logprobs(self, batch: TrainBatch) -> torch.Tensor:
-        logp, _ = token_logprobs(self.ref_model, batch, self.cfg.rollout.temperature)
+        logp, _ = token_logprobs(self.ref_model, batch, self.cfg.rollout.temperature, self.tree_attention)
         return logp.float().cpu()
 
     def _apply(self, loss: torch.Tensor) -> float:
