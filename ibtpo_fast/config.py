@@ -21,6 +21,7 @@ class ModelConfig:
     path: str = ""  # HF checkpoint dir; empty: the bundled tiny model
     dtype: str = "float32"
     device: str = "auto"  # auto: cuda when available
+    attn_implementation: str = "sdpa"  # sdpa | eager | flex_attention | flash_attention_2 (training; decoding uses sdpa)
 
 
 @dataclass
@@ -129,6 +130,7 @@ _CHOICES = {
     "data.task": ("arithmetic", "file"),
     "train.layout": ("auto", "tree", "flat"),
     "train.tree_attention": ("auto", "gather", "mask", "flex"),
+    "model.attn_implementation": ("sdpa", "eager", "flex_attention", "flash_attention_2"),
 }
 _POSITIVE = {"data.batch_size", "data.max_prompt_tokens", "rollout.max_new_tokens", "rollout.temperature",
              "rollout.top_p", "rollout.max_cache_tokens", "rollout.reward_timeout_s", "algo.beta",

@@ -9,7 +9,8 @@ import torch
 
 from ibtpo_fast.kernels import logprob_entropy
 from ibtpo_fast.packing import TrainBatch
-from ibtpo_fast.tree_attention import GATHER_ATTENTION, TREE_ATTENTION_BACKENDS, attention_implementation
+from ibtpo_fast.attention_impl import attention_implementation
+from ibtpo_fast.tree_attention import GATHER_ATTENTION, TREE_ATTENTION_BACKENDS
 
 # Attention implementations a model may be loaded with for tree-packed training: transformers routes
 # their layers through its attention interface (which `gather` hooks) and passes 4D masks through.
@@ -31,10 +32,11 @@ def supports_tree_packing(model: torch.nn.Module) -> bool:
 
 
 def resolve_tree_attention(model: torch.nn.Module, choice: str = "auto") -> str:
-    """The tree attention backend for `model`: `auto` is flex for flex_attention models, else gather."""
+    """The tree attention backend for `model`: `auto` is flex for a flex_attention model on CUDA, else gather."""
     impl = getattr(model.config, "_attn_implementation", None)
+    on_cuda = next(model.parameters()).is_cuda
     if choice == "auto":
-        return "flex" if impl == "flex_attention" else "gather"
+        return "flex" if impl == "flex_attention" and on_cuda else "gather"
     if choice not in TREE_ATTENTION_BACKENDS:
         raise ValueError(f"tree_attention must be auto or one of {TREE_ATTENTION_BACKENDS}, got {choice!r}")
     if choice == "flex" and impl != "flex_attention":

@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ibtpo_fast.checkpoint import find_latest, load_state, save_checkpoint, set_rng_state
-from ibtpo_fast.config import Config, dump_yaml
+from ibtpo_fast.config import Config, ConfigError, dump_yaml
 from ibtpo_fast.data import PromptRow, PromptStream, encode_prompt, load_files
 from ibtpo_fast.engines.protocol import SamplingParams
 from ibtpo_fast.engines.torch_engine import TorchEngine
@@ -63,7 +63,8 @@ def load_policy(cfg: Config, device: torch.device) -> tuple[torch.nn.Module, Any
 
         path = tiny_model_path()
     dtype = getattr(torch, cfg.model.dtype)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=cfg.model.attn_implementation)
+    model.to(device)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer
 
@@ -206,6 +207,9 @@ class Trainer:
         if layout == "auto":
             layout = "tree" if supports_tree_packing(self.model) else "flat"
         backend = resolve_tree_attention(self.model, self.cfg.train.tree_attention) if layout == "tree" else "auto"
+        if backend == "flex" and self.device.type != "cuda":
+            raise ConfigError("train.tree_attention=flex trains on CUDA only: torch has no FlexAttention "
+                              "backward on CPU; use gather (the default)")
         return layout, backend
 
     def pack(self, forest, w) -> TrainBatch:

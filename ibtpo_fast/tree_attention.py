@@ -16,9 +16,8 @@ depth) and serves it three ways, chosen by `train.tree_attention`:
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import numba
 import numpy as np
@@ -44,8 +43,8 @@ def ancestor_table(parent: np.ndarray, depth: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Chains:
-    """Gather indices of one packed batch: chain c's queries sit at flat columns q_index[c, :q_len[c]]
-    (flat = row * W + col); its keys are its ancestors' columns, then its own, at k_index[c]."""
+    """Gather indices of one packed batch: chain c's queries sit at flat columns (row * W + col)
+    q_index[c][q_valid[c]]; its keys are its ancestors' columns, then its own, at k_index[c]."""
 
     q_index: torch.Tensor  # [C, Lq]
     k_index: torch.Tensor  # [C, Lk]
@@ -168,14 +167,3 @@ def gather_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
 
 
 AttentionInterface.register(GATHER_ATTENTION, gather_attention_forward)
-
-
-@contextmanager
-def attention_implementation(config: Any, name: str) -> Iterator[None]:
-    """Run the model's attention layers through `name` for the duration of the block."""
-    saved = config._attn_implementation
-    config._attn_implementation = name
-    try:
-        yield
-    finally:
-        config._attn_implementation = saved

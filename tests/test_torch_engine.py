@@ -56,7 +56,7 @@ def reference(model, request: Request, completion: Completion) -> tuple[np.ndarr
     """Log-probs and entropies of the completion from one uncached full forward."""
     ids = list(request.prefix_ids) + completion.token_ids.tolist()
     with torch.no_grad():
-        logits = model(torch.tensor([ids])).logits[0].float() / request.sampling.temperature
+        logits = model(torch.tensor([ids], device=model.device)).logits[0].float().cpu() / request.sampling.temperature
     logp = torch.log_softmax(logits, dim=-1)[len(request.prefix_ids) - 1 : len(ids) - 1]
     picked = logp.gather(1, torch.as_tensor(completion.token_ids)[:, None]).squeeze(1)
     entropy = -(logp.exp() * logp).sum(-1)
@@ -116,6 +116,33 @@ def test_logprobs_match_a_full_forward_across_cached_calls(family):
     assert_matches_reference(model, second, second_out)
     assert sum(c.cached_tokens for c in second_out) > 0
     assert second_out[-1].cached_tokens == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("family", ["qwen2", "llama", "qwen3"])
+def test_logprobs_match_a_full_forward_on_cuda(family):
+    model = tiny_model(family)
+    engine = TorchEngine(model, device="cuda")
+    first = mixed_requests()
+    first_out = engine.generate(first)
+    assert_matches_reference(model, first, first_out)
+    second = branches(first, first_out)
+    second_out = engine.generate(second)
+    assert_matches_reference(model, second, second_out)
+    assert sum(c.cached_tokens for c in second_out) > 0
+
+
+def test_a_model_loaded_for_flex_attention_decodes_through_sdpa():
+    sdpa = tiny_model("qwen2")
+    flex = Qwen2ForCausalLM(Qwen2Config(**TINY, attn_implementation="flex_attention")).float().eval()
+    flex.load_state_dict(sdpa.state_dict())
+    requests = mixed_requests()
+    ours, theirs = TorchEngine(flex).generate(requests), TorchEngine(sdpa).generate(requests)
+    for a, b in zip(ours, theirs):
+        np.testing.assert_array_equal(a.token_ids, b.token_ids)
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-6)
+    assert flex.config._attn_implementation == "flex_attention"  # restored for training
 
 
 def test_cached_tokens_count_the_reused_prefix():

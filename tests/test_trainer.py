@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from ibtpo_fast import walk
-from ibtpo_fast.config import PRESETS, load_config
+from ibtpo_fast.config import PRESETS, ConfigError, load_config
 from ibtpo_fast.policy import token_logprobs
 from ibtpo_fast.trainer import Trainer
 
@@ -72,3 +72,32 @@ def test_default_cli_run_writes_metrics_plots_and_checkpoint(tmp_path):
         assert (run / "plots" / png).stat().st_size > 1000
     assert (run / "config.yaml").is_file()
     AutoModelForCausalLM.from_pretrained(run / "checkpoints" / "global_step_2")
+
+
+@pytest.mark.parametrize("layout, attention", [("tree", "mask"), ("flat", "auto")])
+def test_layouts_make_the_same_update(tmp_path, layout, attention):
+    """One update from the same rollout: tree-packed gather (the default), the dense-mask reference
+    and flattened trajectories see the same loss, gradient norm, entropy and KL."""
+    def update(*args):
+        tr = trainer(tmp_path / "_".join(args), "data.batch_size=4", *args)
+        tr._batch_rows = tr.task.train[:4]  # whom the sampler's reward calls grade
+        rollout = tr.sampler.sample(tr.train_prompts[:4])
+        return tr, tr.update(tr.pack(rollout.forest, walk(rollout.forest)))
+
+    tr, default = update()
+    assert (tr.layout, tr.tree_attention) == ("tree", "gather")
+    tr, other = update(f"train.layout={layout}", f"train.tree_attention={attention}")
+    assert tr.layout == layout
+    for key in ("actor/pg_loss", "actor/grad_norm", "actor/entropy", "actor/kl"):
+        assert other[key] == pytest.approx(default[key], rel=1e-4, abs=1e-7), key
+
+
+def test_flex_attention_model_on_cpu(tmp_path):
+    """A model loaded for FlexAttention decodes through sdpa and, on CPU, trains with gather;
+    asking for flex on CPU fails up front."""
+    tr = trainer(tmp_path, "model.attn_implementation=flex_attention", "train.steps=1")
+    assert tr.model.config._attn_implementation == "flex_attention" and tr.tree_attention == "gather"
+    assert np.isfinite(tr.step()["actor/pg_loss"])
+    assert tr.model.config._attn_implementation == "flex_attention"
+    with pytest.raises(ConfigError, match="CUDA"):
+        trainer(tmp_path / "flex", "model.attn_implementation=flex_attention", "train.tree_attention=flex")

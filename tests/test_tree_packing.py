@@ -68,13 +68,13 @@ def test_tree_packed_equals_flattened(kind, attn, backend, agg, weighting):
 def test_logprobs_match_per_token(attn, backend):
     """Forward only: FlexAttention runs forward on CPU, its backward needs CUDA (see the gpu test)."""
     model = tiny_model("qwen2", attn)
-    assert supports_tree_packing(model) and resolve_tree_attention(model) == backend
+    assert supports_tree_packing(model) and resolve_tree_attention(model, backend) == backend
     f = forest_with_branches(2)
     w = walk(f)
     flat, tree = flatten(f, w.advantage, w.leaves, 0), pack_trees(f, w.advantage, w.leaves, 0, num_rows=1)
     with torch.no_grad():
         lf, _ = token_logprobs(model, flat, 1.0)
-        lt, _ = token_logprobs(model, tree, 1.0)
+        lt, _ = token_logprobs(model, tree, 1.0, backend)
     # Sum over trajectories (flat) equals the multiplicity-weighted sum over unique tokens (tree).
     torch.testing.assert_close((lt * tree.mult).sum(), lf.sum(), rtol=1e-5, atol=1e-5)
 
@@ -161,6 +161,7 @@ def test_tree_packed_equals_flattened_cuda(backend):
 def test_tree_attention_choice_is_checked():
     sdpa, flex = tiny_model("qwen2", "sdpa"), tiny_model("qwen2", "flex_attention")
     assert resolve_tree_attention(sdpa) == "gather"
+    assert resolve_tree_attention(flex) == "gather"  # flex is the default on CUDA only, where it can train
     with pytest.raises(ValueError, match="flex_attention"):
         resolve_tree_attention(sdpa, "flex")
     with pytest.raises(ValueError, match="sdpa or eager"):

@@ -18,6 +18,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
+from ibtpo_fast.attention_impl import attention_implementation
 from ibtpo_fast.engines.batch_kv import BatchKV
 from ibtpo_fast.engines.protocol import Completion, Request
 from ibtpo_fast.engines.radix_cache import PrefixMatch, RadixCache
@@ -130,12 +131,9 @@ class TorchEngine:
         if unknown:
             raise NotImplementedError(f"TorchEngine runs full and sliding attention layers, not {unknown}")
         self.sliding_window = getattr(config, "sliding_window", None)
-        self.attn_impl = config._attn_implementation or "eager"
-        if self.attn_impl not in ("sdpa", "eager"):
-            raise ValueError(
-                f"TorchEngine needs attn_implementation 'sdpa' or 'eager' (it passes explicit padded masks), "
-                f"got {self.attn_impl!r}"
-            )
+        # Decoding passes explicit padded masks, which sdpa and eager take: a model loaded with another
+        # attention (flex_attention or flash-attention, for training) decodes through sdpa.
+        self.attn_impl = "eager" if config._attn_implementation == "eager" else "sdpa"
 
     # ---- Engine protocol -------------------------------------------------------------------------
 
@@ -320,10 +318,11 @@ class TorchEngine:
             }
         # A dict of prepared masks is what hybrid models accept; a single 4D mask is what every model accepts.
         attention_mask = masks if len(masks) > 1 else masks["full_attention"]
-        out = self.model(
-            input_ids=ids, attention_mask=attention_mask, position_ids=positions,
-            use_cache=True, logits_to_keep=1, **{self._cache_arg: kv},
-        )
+        with attention_implementation(self.model.config, self.attn_impl):
+            out = self.model(
+                input_ids=ids, attention_mask=attention_mask, position_ids=positions,
+                use_cache=True, logits_to_keep=1, **{self._cache_arg: kv},
+            )
         return out.logits[:, -1]
 
     def _decode(
