@@ -161,9 +161,9 @@ def _seq_share(parent, num_children, leaf_len):
 
 def pack_trees(forest: Forest, advantage: np.ndarray, leaves: np.ndarray, pad_id: int,
                prefix_weighting: str = "none", num_rows: int | None = None) -> TrainBatch:
-    """Rows as wide as the widest tree (`num_rows=None`: what a dense mask wants, its cost being
-    quadratic in the width), or about `num_rows` rows sharing the trees evenly, with next to no
-    padding (for gather and flex attention, whose cost does not grow with the width)."""
+    """Rows as wide as the widest tree (`num_rows=None`: what a mask wants, its size being quadratic
+    in the width), or `num_rows` rows sharing the trees evenly, with next to no padding (for gather
+    attention, whose cost does not grow with the width)."""
     parent, tree, n_tok = forest.parent, forest.tree, forest.num_tokens
     T = forest.num_trees
     col0, pos0, tree_len = _tree_layout(parent, tree, forest.token_start, forest.token_end, T)

@@ -214,8 +214,8 @@ class Trainer:
 
     def pack(self, forest, w) -> TrainBatch:
         pad = self.tokenizer.pad_token_id or 0
-        if self.layout == "tree":  # a dense mask wants narrow rows; gather and flex, one row per mini-batch
-            rows = None if self.tree_attention == "mask" else self.cfg.train.mini_batches
+        if self.layout == "tree":  # masks grow with the row width squared: gather alone takes one row per mini-batch
+            rows = self.cfg.train.mini_batches if self.tree_attention == "gather" else None
             return pack_trees(forest, w.advantage, w.leaves, pad, self.cfg.algo.prefix_weighting, rows)
         return flatten(forest, w.advantage, w.leaves, pad, self.cfg.algo.prefix_weighting)
 

@@ -36,9 +36,10 @@ def forest_with_branches(seed: int):
 def loss_and_grads(model, batch, agg, backend="auto"):
     model.zero_grad()
     logp, entropy = token_logprobs(model, batch, temperature=0.7, tree_attention=backend)
-    coef = token_coefficients(agg, batch.mult, batch.seq_share, batch.num_traj) * batch.prefix_w
-    old = batch.old_logp  # the forest's random rollout log-probs: ratios spread around, some clipped
-    loss, _ = ppo_clip_loss(logp, old, batch.advantages, coef, ref_logp=old.detach() - 0.1, kl_coef=0.01,
+    dev = logp.device
+    coef = (token_coefficients(agg, batch.mult, batch.seq_share, batch.num_traj) * batch.prefix_w).to(dev)
+    old = batch.old_logp.to(dev)  # the forest's random rollout log-probs: ratios spread around, some clipped
+    loss, _ = ppo_clip_loss(logp, old, batch.advantages.to(dev), coef, ref_logp=old - 0.1, kl_coef=0.01,
                             entropy=entropy, entropy_coef=0.01)
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
