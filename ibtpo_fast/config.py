@@ -21,7 +21,7 @@ class ModelConfig:
     path: str = ""  # HF checkpoint dir; empty: the bundled tiny model
     dtype: str = "float32"
     device: str = "auto"  # auto: cuda when available
-    attn_implementation: str = "sdpa"  # sdpa | eager | flex_attention | flash_attention_2 (training; decoding uses sdpa)
+    attn_implementation: str = "sdpa"  # sdpa | eager | flex_attention | flash_attention_2; decoding uses sdpa
 
 
 @dataclass

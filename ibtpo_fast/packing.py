@@ -1,9 +1,10 @@
 """Turn a walked Forest into training tensors, in one of two layouts.
 
 `flatten`: one right-padded row per trajectory (prompt + path); shared prefixes are repeated.
-`pack_trees`: each unique token once, trees packed into rows (first-fit), positions by depth,
-attention restricted to ancestors (`TreeMask`); each loss token stands for every trajectory through it. Both describe a loss token by `mult` (trajectories through it) and `seq_share` (sum over
-those trajectories of 1 / trajectory length), so every loss aggregation gives the same loss and
+`pack_trees`: each unique token once, trees packed into rows, positions by depth, attention
+restricted to ancestors (`TreeMask`); each loss token stands for every trajectory through it.
+Both describe a loss token by `mult` (trajectories through it) and `seq_share` (sum over those
+trajectories of 1 / trajectory length), so every loss aggregation gives the same loss and
 gradient in both layouts.
 """
 from __future__ import annotations
@@ -193,7 +194,8 @@ def pack_trees(forest: Forest, advantage: np.ndarray, leaves: np.ndarray, pad_id
     mask = TreeMask(torch.from_numpy(node_at), torch.from_numpy(ancestor_table(parent, depth)), torch.from_numpy(depth))
     return TrainBatch(**_tensors(
         input_ids=ids, attention_mask=node_at >= 0, position_ids=pos, rows=row[is_loss], cols=col[is_loss],
-        pred_cols=pred[is_loss],        old_logp=forest.token_logprobs[is_loss], advantages=advantage[nodes], mult=leaves[nodes].astype(np.float64),
+        pred_cols=pred[is_loss], old_logp=forest.token_logprobs[is_loss], advantages=advantage[nodes],
+        mult=leaves[nodes].astype(np.float64),
         seq_share=share[nodes], prefix_w=_prefix_weights(leaves, nodes, prefix_weighting),
         traj_of_row=traj.astype(np.int64),
     ), tree=mask)

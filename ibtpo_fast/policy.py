@@ -55,7 +55,8 @@ def _decode(base: torch.nn.Module, batch: TrainBatch, device: torch.device, dtyp
         return base(input_ids=ids, attention_mask=batch.attention_mask.to(device), position_ids=pos).last_hidden_state
     backend = resolve_tree_attention(base, tree_attention)
     if backend == "mask":
-        return base(input_ids=ids, attention_mask=batch.tree.dense(dtype).to(device), position_ids=pos).last_hidden_state
+        mask = batch.tree.dense(dtype).to(device)
+        return base(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
     if backend == "flex":
         return base(input_ids=ids, attention_mask=batch.tree.block_mask(device), position_ids=pos).last_hidden_state
     chains = batch.tree.chains().to(device)
