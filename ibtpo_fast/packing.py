@@ -105,9 +105,10 @@ def flatten(forest: Forest, advantage: np.ndarray, leaves: np.ndarray, pad_id: i
     ))
 
 
-def _rows_for_trees(tree_len: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """First-fit decreasing into rows of `width` columns, so rows carry little padding. Returns each
-    tree's row and column offset, and the number of rows."""
+def _rows_for_trees(tree_len: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """First-fit decreasing: several small trees share a row as wide as the widest tree, so rows
+    carry little padding. Returns each tree's row and column offset, and the number of rows."""
+    width = int(tree_len.max())
     row_of, offset = np.zeros(len(tree_len), np.int64), np.zeros(len(tree_len), np.int64)
     fill: list[int] = []
     for t in np.argsort(-tree_len, kind="stable"):
@@ -169,7 +170,7 @@ def pack_trees(forest: Forest, advantage: np.ndarray, leaves: np.ndarray, pad_id
     T = forest.num_trees
     col0, pos0, tree_len = _tree_layout(parent, tree, forest.token_start, forest.token_end, T)
     if num_rows is None:
-        row_of, offset, R = _rows_for_trees(tree_len, int(tree_len.max()))
+        row_of, offset, R = _rows_for_trees(tree_len)
     else:
         row_of, offset, R = _balanced_rows(tree_len, min(num_rows, T))
     width = int((offset + tree_len).max())
