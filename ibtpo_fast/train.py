@@ -29,12 +29,13 @@ def summary_table(result: dict) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = load_config(sys.argv[1:] if argv is None else argv)
+        from ibtpo_fast.trainer import Trainer  # heavy imports after the config is known to be good
+
+        trainer = Trainer(cfg)  # checks what only the loaded model can tell (its attention, its device)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    from ibtpo_fast.trainer import Trainer  # heavy imports after the config is known to be good
-
-    result = Trainer(cfg).train()
+    result = trainer.train()
     print(summary_table(result))
     return 0
 

@@ -206,7 +206,10 @@ class Trainer:
         layout = self.cfg.train.layout
         if layout == "auto":
             layout = "tree" if supports_tree_packing(self.model) else "flat"
-        backend = resolve_tree_attention(self.model, self.cfg.train.tree_attention) if layout == "tree" else "auto"
+        try:
+            backend = resolve_tree_attention(self.model, self.cfg.train.tree_attention) if layout == "tree" else "auto"
+        except ValueError as e:  # the choice does not fit the loaded model: a config error, named as such
+            raise ConfigError(str(e)) from e
         if backend == "flex" and self.device.type != "cuda":
             raise ConfigError("train.tree_attention=flex trains on CUDA only: torch has no FlexAttention "
                               "backward on CPU; use gather (the default)")

@@ -101,3 +101,9 @@ def test_flex_attention_model_on_cpu(tmp_path):
     assert tr.model.config._attn_implementation == "flex_attention"
     with pytest.raises(ConfigError, match="CUDA"):
         trainer(tmp_path / "flex", "model.attn_implementation=flex_attention", "train.tree_attention=flex")
+    with pytest.raises(ConfigError, match="sdpa or eager"):
+        trainer(tmp_path / "mask", "model.attn_implementation=flex_attention", "train.tree_attention=mask")
+    cmd = [sys.executable, "-m", "ibtpo_fast.train", *FAST, f"run.out_dir={tmp_path / 'cli'}",
+           "model.attn_implementation=flex_attention", "train.tree_attention=flex"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 2 and "config error: train.tree_attention=flex" in out.stderr, out.stderr[-2000:]
