@@ -15,6 +15,7 @@ from ibtpo_fast.tree_attention import GATHER_ATTENTION, TREE_ATTENTION_BACKENDS
 # Attention implementations a model may be loaded with for tree-packed training: transformers routes
 # their layers through its attention interface (which `gather` hooks) and passes 4D masks through.
 TREE_PACKED_ATTENTION = ("sdpa", "eager", "flex_attention")
+FLEX_MIN_HEAD_DIM = 16  # torch's FlexAttention kernels on CUDA refuse smaller heads
 
 
 def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linear]:
@@ -32,19 +33,22 @@ def supports_tree_packing(model: torch.nn.Module) -> bool:
 
 
 def resolve_tree_attention(model: torch.nn.Module, choice: str = "auto") -> str:
-    """The tree attention backend for `model`: `auto` is flex for a flex_attention model on CUDA, else gather."""
+    """The tree attention backend for `model`. `auto` is flex on CUDA, where its block-sparse kernels
+    train fastest, and gather elsewhere: torch has no FlexAttention backward on CPU, and its kernels
+    need a head dimension of at least 16."""
     impl = getattr(model.config, "_attn_implementation", None)
-    on_cuda = next(model.parameters()).is_cuda
     if choice == "auto":
-        return "flex" if impl == "flex_attention" and on_cuda else "gather"
+        on_cuda = next(model.parameters()).is_cuda
+        return "flex" if on_cuda and _head_dim(model.config) >= FLEX_MIN_HEAD_DIM else "gather"
     if choice not in TREE_ATTENTION_BACKENDS:
         raise ValueError(f"tree_attention must be auto or one of {TREE_ATTENTION_BACKENDS}, got {choice!r}")
-    if choice == "flex" and impl != "flex_attention":
-        raise ValueError(f"tree_attention=flex needs the model loaded with attn_implementation='flex_attention', "
-                         f"not {impl!r}")
     if choice == "mask" and impl not in ("sdpa", "eager"):
         raise ValueError(f"tree_attention=mask needs sdpa or eager attention, not {impl!r}")
     return choice
+
+
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def _decode(base: torch.nn.Module, batch: TrainBatch, device: torch.device, dtype: torch.dtype,
@@ -57,8 +61,9 @@ def _decode(base: torch.nn.Module, batch: TrainBatch, device: torch.device, dtyp
     if backend == "mask":
         mask = batch.tree.dense(dtype).to(device)
         return base(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
-    if backend == "flex":
-        return base(input_ids=ids, attention_mask=batch.tree.block_mask(device), position_ids=pos).last_hidden_state
+    if backend == "flex":  # whatever attention the model was loaded with: one set of weights
+        with attention_implementation(base.config, "flex_attention"):
+            return base(input_ids=ids, attention_mask=batch.tree.block_mask(device), position_ids=pos).last_hidden_state
     chains = batch.tree.chains().to(device)
     with attention_implementation(base.config, GATHER_ATTENTION):
         hidden = base(input_ids=ids, position_ids=pos, tree_chains=chains).last_hidden_state

@@ -11,8 +11,8 @@ depth) and serves it three ways, chosen by `train.tree_attention`:
   once per unique token. Works on CPU and CUDA, whatever attention the model was loaded with.
 - `mask`: a dense additive [R, 1, W, W] mask for the model's own sdpa or eager attention. The
   reference; cost and memory grow with the square of the row width.
-- `flex`: a FlexAttention BlockMask of the same rule, block-sparse without gathering. torch has no
-  FlexAttention backward on CPU, so training with it needs CUDA.
+- `flex`: a FlexAttention BlockMask of the same rule, block-sparse without gathering; the default on
+  CUDA, where it trains fastest. torch has no FlexAttention backward on CPU, so it needs CUDA.
 """
 from __future__ import annotations
 

@@ -19,11 +19,11 @@ MODELS = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, Llama
           "qwen3": (Qwen3Config, Qwen3ForCausalLM)}
 
 
-def tiny_model(kind: str, attn: str):
+def tiny_model(kind: str, attn: str, head_dim: int = 8):
     torch.manual_seed(0)
     config_cls, model_cls = MODELS[kind]
     cfg = config_cls(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=2, head_dim=8, max_position_embeddings=256, attn_implementation=attn)
+                     num_key_value_heads=2, head_dim=head_dim, max_position_embeddings=256, attn_implementation=attn)
     return model_cls(cfg).float()
 
 
@@ -65,7 +65,7 @@ def test_tree_packed_equals_flattened(kind, attn, backend, agg, weighting):
         torch.testing.assert_close(g_tree[name], g_flat[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("attn, backend", [("sdpa", "gather"), ("flex_attention", "flex")])
+@pytest.mark.parametrize("attn, backend", [("sdpa", "gather"), ("flex_attention", "flex"), ("sdpa", "flex")])
 def test_logprobs_match_per_token(attn, backend):
     """Forward only: FlexAttention runs forward on CPU, its backward needs CUDA (see the gpu test)."""
     model = tiny_model("qwen2", attn)
@@ -78,6 +78,7 @@ def test_logprobs_match_per_token(attn, backend):
         lt, _ = token_logprobs(model, tree, 1.0, backend)
     # Sum over trajectories (flat) equals the multiplicity-weighted sum over unique tokens (tree).
     torch.testing.assert_close((lt * tree.mult).sum(), lf.sum(), rtol=1e-5, atol=1e-5)
+    assert model.config._attn_implementation == attn  # the flex forward restores what the model was loaded with
 
 
 @pytest.mark.parametrize("num_rows", [None, 2])
@@ -148,7 +149,9 @@ def test_chains_cover_every_token_once():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("backend", ["flex", "gather"])
 def test_tree_packed_equals_flattened_cuda(backend):
-    model = tiny_model("qwen2", "flex_attention" if backend == "flex" else "sdpa").cuda()
+    model = tiny_model("qwen2", "sdpa", head_dim=16).cuda()
+    assert resolve_tree_attention(model) == "flex"  # the default on CUDA
+    assert resolve_tree_attention(tiny_model("qwen2", "sdpa", head_dim=8).cuda()) == "gather"  # too small for flex
     f = forest_with_branches(1)
     w = walk(f)
     flat, tree = flatten(f, w.advantage, w.leaves, 0), pack_trees(f, w.advantage, w.leaves, 0)
@@ -161,10 +164,8 @@ def test_tree_packed_equals_flattened_cuda(backend):
 
 def test_tree_attention_choice_is_checked():
     sdpa, flex = tiny_model("qwen2", "sdpa"), tiny_model("qwen2", "flex_attention")
-    assert resolve_tree_attention(sdpa) == "gather"
-    assert resolve_tree_attention(flex) == "gather"  # flex is the default on CUDA only, where it can train
-    with pytest.raises(ValueError, match="flex_attention"):
-        resolve_tree_attention(sdpa, "flex")
+    assert resolve_tree_attention(sdpa) == resolve_tree_attention(flex) == "gather"  # flex trains on CUDA only
+    assert resolve_tree_attention(sdpa, "flex") == "flex"  # the forward switches the attention for its length
     with pytest.raises(ValueError, match="sdpa or eager"):
         resolve_tree_attention(flex, "mask")
     with pytest.raises(ValueError, match="tree_attention"):
