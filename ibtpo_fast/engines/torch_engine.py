@@ -20,6 +20,7 @@ import torch
 
 from ibtpo_fast.attention_impl import attention_implementation
 from ibtpo_fast.engines.batch_kv import BatchKV
+from ibtpo_fast.engines.decode_attention import DECODE_ATTENTION
 from ibtpo_fast.engines.protocol import Completion, Request
 from ibtpo_fast.engines.radix_cache import PrefixMatch, RadixCache
 from ibtpo_fast.engines.token_sampler import TokenSampler
@@ -132,8 +133,9 @@ class TorchEngine:
             raise NotImplementedError(f"TorchEngine runs full and sliding attention layers, not {unknown}")
         self.sliding_window = getattr(config, "sliding_window", None)
         # Decoding passes explicit padded masks, which sdpa and eager take: a model loaded with another
-        # attention (flex_attention or flash-attention, for training) decodes through sdpa.
-        self.attn_impl = "eager" if config._attn_implementation == "eager" else "sdpa"
+        # attention (flex_attention or flash-attention, for training) decodes through sdpa, and every
+        # decode step (one query a row) through grouped-query matmuls.
+        self.attn_impl = "eager" if config._attn_implementation == "eager" else DECODE_ATTENTION
 
     # ---- Engine protocol -------------------------------------------------------------------------
 
