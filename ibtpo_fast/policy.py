@@ -15,7 +15,7 @@ from ibtpo_fast.tree_attention import GATHER_ATTENTION, TREE_ATTENTION_BACKENDS
 # Attention implementations a model may be loaded with for tree-packed training: transformers routes
 # their layers through its attention interface (which `gather` hooks) and passes 4D masks through.
 TREE_PACKED_ATTENTION = ("sdpa", "eager", "flex_attention")
-FLEX_MIN_HEAD_DIM = 16  # torch's FlexAttention kernels on CUDA refuse smaller heads
+FLEX_MIN_HEAD_DIM = 32  # smaller heads fail to compile in FlexAttention on CUDA (torch 2.11: 8 refused, 16 in fp32)
 
 
 def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linear]:
@@ -35,13 +35,16 @@ def supports_tree_packing(model: torch.nn.Module) -> bool:
 def resolve_tree_attention(model: torch.nn.Module, choice: str = "auto") -> str:
     """The tree attention backend for `model`. `auto` is flex on CUDA, where its block-sparse kernels
     train fastest, and gather elsewhere: torch has no FlexAttention backward on CPU, and its kernels
-    need a head dimension of at least 16."""
+    need heads of at least 32 dimensions."""
     impl = getattr(model.config, "_attn_implementation", None)
     if choice == "auto":
         on_cuda = next(model.parameters()).is_cuda
         return "flex" if on_cuda and _head_dim(model.config) >= FLEX_MIN_HEAD_DIM else "gather"
     if choice not in TREE_ATTENTION_BACKENDS:
         raise ValueError(f"tree_attention must be auto or one of {TREE_ATTENTION_BACKENDS}, got {choice!r}")
+    if choice == "flex" and _head_dim(model.config) < FLEX_MIN_HEAD_DIM:
+        raise ValueError(f"tree_attention=flex needs heads of at least {FLEX_MIN_HEAD_DIM} dimensions, the model's "
+                         f"have {_head_dim(model.config)}; use gather")
     if choice == "mask" and impl not in ("sdpa", "eager"):
         raise ValueError(f"tree_attention=mask needs sdpa or eager attention, not {impl!r}")
     return choice

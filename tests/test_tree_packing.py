@@ -68,7 +68,7 @@ def test_tree_packed_equals_flattened(kind, attn, backend, agg, weighting):
 @pytest.mark.parametrize("attn, backend", [("sdpa", "gather"), ("flex_attention", "flex"), ("sdpa", "flex")])
 def test_logprobs_match_per_token(attn, backend):
     """Forward only: FlexAttention runs forward on CPU, its backward needs CUDA (see the gpu test)."""
-    model = tiny_model("qwen2", attn)
+    model = tiny_model("qwen2", attn, head_dim=32 if backend == "flex" else 8)
     assert supports_tree_packing(model) and resolve_tree_attention(model, backend) == backend
     f = forest_with_branches(2)
     w = walk(f)
@@ -149,9 +149,9 @@ def test_chains_cover_every_token_once():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("backend", ["flex", "gather"])
 def test_tree_packed_equals_flattened_cuda(backend):
-    model = tiny_model("qwen2", "sdpa", head_dim=16).cuda()
+    model = tiny_model("qwen2", "sdpa", head_dim=32).cuda()
     assert resolve_tree_attention(model) == "flex"  # the default on CUDA
-    assert resolve_tree_attention(tiny_model("qwen2", "sdpa", head_dim=8).cuda()) == "gather"  # too small for flex
+    assert resolve_tree_attention(tiny_model("qwen2", "sdpa", head_dim=16).cuda()) == "gather"  # too small for flex
     f = forest_with_branches(1)
     w = walk(f)
     flat, tree = flatten(f, w.advantage, w.leaves, 0), pack_trees(f, w.advantage, w.leaves, 0)
@@ -165,7 +165,10 @@ def test_tree_packed_equals_flattened_cuda(backend):
 def test_tree_attention_choice_is_checked():
     sdpa, flex = tiny_model("qwen2", "sdpa"), tiny_model("qwen2", "flex_attention")
     assert resolve_tree_attention(sdpa) == resolve_tree_attention(flex) == "gather"  # flex trains on CUDA only
-    assert resolve_tree_attention(sdpa, "flex") == "flex"  # the forward switches the attention for its length
+    # the forward switches the attention for its length, for any model with heads flex can take
+    assert resolve_tree_attention(tiny_model("qwen2", "sdpa", head_dim=32), "flex") == "flex"
+    with pytest.raises(ValueError, match="at least 32 dimensions"):
+        resolve_tree_attention(tiny_model("qwen2", "sdpa", head_dim=16), "flex")
     with pytest.raises(ValueError, match="sdpa or eager"):
         resolve_tree_attention(flex, "mask")
     with pytest.raises(ValueError, match="tree_attention"):
