@@ -20,7 +20,6 @@ import pytest
 import torch
 
 from ibtpo_fast import walk
-from ibtpo_fast.attention_impl import attention_implementation
 from ibtpo_fast.config import load_config
 from ibtpo_fast.losses import token_coefficients
 from ibtpo_fast.packing import flatten, pack_trees
@@ -127,12 +126,10 @@ def _gpu_step(model, batch, backend: str) -> tuple[float, float, int]:
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     t0 = time.perf_counter()
-    attn = "flex_attention" if backend == "flex" else "sdpa"
-    with attention_implementation(model.config, attn):
-        logp, _ = token_logprobs(model, batch, 1.0, backend)
-        coef = token_coefficients("token-mean", batch.mult, batch.seq_share, batch.num_traj) * batch.advantages
-        loss = -(logp.float() * coef.cuda()).sum()
-        loss.backward()
+    logp, _ = token_logprobs(model, batch, 1.0, backend)
+    coef = token_coefficients("token-mean", batch.mult, batch.seq_share, batch.num_traj) * batch.advantages
+    loss = -(logp.float() * coef.cuda()).sum()
+    loss.backward()
     torch.cuda.synchronize()
     return float(loss.detach()), time.perf_counter() - t0, torch.cuda.max_memory_allocated() - base
 
