@@ -1,4 +1,4 @@
-"""Switching a Hugging Face model's attention implementation for the length of a block.
+"""A Hugging Face model's attention: its head size, and switching its implementation for a block.
 
 transformers reads `config._attn_implementation` at every forward, so one set of weights can
 decode through SDPA (explicit padded masks) and train through a tree-aware attention.
@@ -18,3 +18,8 @@ def attention_implementation(config: Any, name: str) -> Iterator[None]:
         yield
     finally:
         config._attn_implementation = saved
+
+
+def head_dim(config: Any) -> int:
+    """Dimensions per attention head: `head_dim` where the config sets it, else hidden / heads."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads

@@ -9,7 +9,7 @@ import torch
 
 from ibtpo_fast.kernels import logprob_entropy
 from ibtpo_fast.packing import TrainBatch
-from ibtpo_fast.attention_impl import attention_implementation
+from ibtpo_fast.attention_impl import attention_implementation, head_dim
 from ibtpo_fast.tree_attention import GATHER_ATTENTION, TREE_ATTENTION_BACKENDS
 
 # Attention implementations a model may be loaded with for tree-packed training: transformers routes
@@ -36,22 +36,18 @@ def resolve_tree_attention(model: torch.nn.Module, choice: str = "auto") -> str:
     """The tree attention backend for `model`. `auto` is flex on CUDA, where its block-sparse kernels
     train fastest, and gather elsewhere: torch has no FlexAttention backward on CPU, and its kernels
     need heads of at least 32 dimensions."""
-    impl = getattr(model.config, "_attn_implementation", None)
+    impl, dim = getattr(model.config, "_attn_implementation", None), head_dim(model.config)
     if choice == "auto":
         on_cuda = next(model.parameters()).is_cuda
-        return "flex" if on_cuda and _head_dim(model.config) >= FLEX_MIN_HEAD_DIM else "gather"
+        return "flex" if on_cuda and dim >= FLEX_MIN_HEAD_DIM else "gather"
     if choice not in TREE_ATTENTION_BACKENDS:
         raise ValueError(f"tree_attention must be auto or one of {TREE_ATTENTION_BACKENDS}, got {choice!r}")
-    if choice == "flex" and _head_dim(model.config) < FLEX_MIN_HEAD_DIM:
+    if choice == "flex" and dim < FLEX_MIN_HEAD_DIM:
         raise ValueError(f"tree_attention=flex needs heads of at least {FLEX_MIN_HEAD_DIM} dimensions, the model's "
-                         f"have {_head_dim(model.config)}; use gather")
+                         f"have {dim}; use gather")
     if choice == "mask" and impl not in ("sdpa", "eager"):
         raise ValueError(f"tree_attention=mask needs sdpa or eager attention, not {impl!r}")
     return choice
-
-
-def _head_dim(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def _decode(base: torch.nn.Module, batch: TrainBatch, device: torch.device, dtype: torch.dtype,

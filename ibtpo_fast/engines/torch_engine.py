@@ -18,7 +18,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
-from ibtpo_fast.attention_impl import attention_implementation
+from ibtpo_fast.attention_impl import attention_implementation, head_dim
 from ibtpo_fast.engines.batch_kv import BatchKV
 from ibtpo_fast.engines.decode_attention import DECODE_ATTENTION
 from ibtpo_fast.engines.protocol import Completion, Request
@@ -124,7 +124,7 @@ class TorchEngine:
     def _read_config(self, config) -> None:
         self.n_layers = config.num_hidden_layers
         self.kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.head_dim = head_dim(config)
         self.max_positions = config.max_position_embeddings
         self.vocab = self.model.get_input_embeddings().num_embeddings  # valid input token ids
         self.layer_types = list(getattr(config, "layer_types", None) or ["full_attention"] * self.n_layers)
