@@ -24,8 +24,10 @@ from ibtpo_fast.engines.torch_engine import TorchEngine
 from ibtpo_fast.sampler import IBTreeSampler, SamplerConfig
 from ibtpo_fast.smollm import load_smollm2, smollm2_dir
 from ibtpo_fast.tasks import STEP_DELIMITER, compute_score, make_split, tiny_model_path
+from ibtpo_fast.tasks.arithmetic import question_of
 
-MAX_NEW = 48
+MAX_NEW = 64
+PROBLEMS = 128  # prompts in one rollout batch, a small RL batch
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +39,7 @@ def tiny():
 
 
 def workload(benchmark, tok):
-    problems = make_split("train", 4 if benchmark.disabled else 32)
+    problems = make_split("train", 4 if benchmark.disabled else PROBLEMS)
     return problems, [tok.encode(p.prompt, add_special_tokens=False) for p in problems]
 
 
@@ -125,11 +127,11 @@ def test_prefix_reuse(benchmark, tiny):
 
 
 def smollm2_workload(n: int):
-    """SmolLM2-135M-Instruct asked the held-out problems through its chat template (~60-token prompts)."""
+    """SmolLM2-135M-Instruct asked the held-out questions through its chat template (~60-token prompts)."""
     model, tok = load_smollm2()
     problems = make_split("test", n)
     question = "What is {}? Solve it step by step, one operation per line. End with the line 'A: <answer>'."
-    prompts = [list(tok.apply_chat_template([{"role": "user", "content": question.format(p.prompt.split("=")[0])}],
+    prompts = [list(tok.apply_chat_template([{"role": "user", "content": question.format(question_of(p.prompt).split("=")[0])}],
                                             add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
                for p in problems]
     return model, tok, problems, prompts

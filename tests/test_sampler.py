@@ -45,7 +45,7 @@ def make_sampler(tiny, problems, **kw):
         texts = tok.batch_decode([r.tolist() for r in responses], skip_special_tokens=True)
         return [compute_score("arithmetic", t, problems[i].answer) for i, t in zip(trees, texts)]
 
-    cfg = SamplerConfig(max_new_tokens=48, sampling=SamplingParams(temperature=1.0), stop_token_ids=(tok.eos_token_id,),
+    cfg = SamplerConfig(max_new_tokens=64, sampling=SamplingParams(temperature=1.0), stop_token_ids=(tok.eos_token_id,),
                         step_delimiter=STEP_DELIMITER, **kw)
     return IBTreeSampler(engine, tok, reward_fn, cfg), engine, reward_calls
 

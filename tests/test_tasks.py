@@ -14,7 +14,7 @@ from ibtpo_fast.tasks import (
     extract_answer,
     make_split,
 )
-from ibtpo_fast.tasks.arithmetic import split_of
+from ibtpo_fast.tasks.arithmetic import INSTRUCTION, question_of, split_of
 from ibtpo_fast.tasks.char_tokenizer import CHARS, build_char_tokenizer, save_char_tokenizer
 
 STEP_RE = re.compile(r"^(\d+)([+\-*])(\d+)=(\d+)$")
@@ -35,6 +35,21 @@ def test_splits_are_disjoint_and_distinct():
     assert all(split_of(p) == "train" for p in train)
 
 
+def test_instruction_leads_every_prompt_and_leaves_the_splits_alone():
+    plain, custom = ArithmeticConfig(instruction=""), ArithmeticConfig(instruction="Think, then answer.\n")
+    default = make_split("test", 100)
+    assert all(p.prompt.startswith(INSTRUCTION) for p in default)
+    assert [p.prompt for p in make_split("test", 100, plain)] == [question_of(p.prompt) + "\n" for p in default]
+    assert [p.prompt for p in make_split("test", 100, custom)] == ["Think, then answer.\n" + question_of(p.prompt) + "\n"
+                                                                  for p in default]
+
+
+@pytest.mark.parametrize("instruction", ["Use 2 lines.\n", "Then = done.\n", "Add + subtract.\n", "No newline"])
+def test_instruction_that_reads_as_a_question_is_refused(instruction):
+    with pytest.raises(ValueError, match="instruction"):
+        make_split("train", 1, ArithmeticConfig(instruction=instruction))
+
+
 def test_seed_changes_the_stream():
     a = make_split("train", 50, ArithmeticConfig(seed=0))
     b = make_split("train", 50, ArithmeticConfig(seed=1))
@@ -43,12 +58,12 @@ def test_seed_changes_the_stream():
 
 @pytest.mark.parametrize(
     "cfg", [ArithmeticConfig(), ArithmeticConfig(num_ops_min=1, num_ops_max=4, max_operand=20,
-                                                 max_result=200, seed=7)]
+                                                 max_result=200, seed=7, instruction="")]
 )
 def test_solutions_are_right_and_one_step_per_line(cfg):
     for p in make_split("train", 300, cfg) + make_split("test", 100, cfg):
-        assert p.prompt.endswith("=?\n")
-        expr = p.prompt[: -len("=?\n")]
+        assert p.prompt.startswith(cfg.instruction) and p.prompt.endswith("=?\n")
+        expr = p.prompt[len(cfg.instruction) : -len("=?\n")]
         assert int(p.answer) == eval(expr)  # Python applies the same precedence
         lines = p.solution.split(STEP_DELIMITER)
         assert lines[-1] == "A:" + p.answer

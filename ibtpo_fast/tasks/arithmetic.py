@@ -1,7 +1,8 @@
 """Multi-step integer arithmetic: a small reasoning task with one computation per step.
 
-A problem is an expression over `+`, `-`, `*` with the usual precedence, e.g. prompt
-"12+7*3-5=?\\n". Its solution evaluates one operation per line (products first, left to right,
+A problem is an expression over `+`, `-`, `*` with the usual precedence. Its prompt is an
+instruction line, as RL datasets prepend to every question, then the question, e.g.
+"12+7*3-5=?\\n". The solution evaluates one operation per line (products first, left to right,
 then sums left to right) and ends with the answer line:
 
     7*3=21
@@ -11,11 +12,11 @@ then sums left to right) and ends with the answer line:
 
 Every intermediate result lies in [0, max_result]: expressions that would go negative or grow
 past the cap are redrawn, so a tiny character-level model never has to write a minus sign in a
-result or handle long numbers. The defaults (2-3 operations, operands 1..9, results up to 99)
+result or handle long numbers. The defaults (3-5 operations, operands 1..9, results up to 99)
 are sized for the bundled tiny model.
 
-Train and test problems are told apart by a CRC32 hash of the prompt, so the splits are disjoint
-for every seed and identical on every machine.
+Train and test problems are told apart by a CRC32 hash of the question, so the splits are
+disjoint for every seed and instruction, and identical on every machine.
 """
 from __future__ import annotations
 
@@ -30,25 +31,29 @@ STEP_DELIMITER = "\n"
 ANSWER_PREFIX = "A:"
 _TEST_BUCKETS = 5  # one prompt in five belongs to the test split
 _OPS = "+-*"
+# Shared by every prompt of a batch, as a real dataset's instruction is: the part of a prefix that
+# a prefix cache serves from memory. No digits, operators or "=", so it never reads as a question.
+INSTRUCTION = "Solve it one operation per line, products first, then left to right. End with A: and the answer.\n"
 
 
 @dataclass(frozen=True)
 class ArithmeticConfig:
     """Difficulty knobs and the seed of the problem stream."""
 
-    num_ops_min: int = 2
-    num_ops_max: int = 3
+    num_ops_min: int = 3
+    num_ops_max: int = 5
     max_operand: int = 9
     max_result: int = 99
     seed: int = 0
+    instruction: str = INSTRUCTION
 
-    def to_dict(self) -> dict[str, int]:
+    def to_dict(self) -> dict[str, int | str]:
         return asdict(self)
 
 
 @dataclass(frozen=True)
 class Problem:
-    prompt: str  # "expr=?\n"
+    prompt: str  # instruction, then the question "expr=?\n"
     answer: str  # the final number, as text
     solution: str  # step lines then "A:<answer>", no trailing newline
 
@@ -82,9 +87,14 @@ def solve(
     return steps, acc
 
 
+def question_of(prompt: str) -> str:
+    """The question line "expr=?" of a prompt, without its instruction."""
+    return prompt.rstrip("\n").rsplit("\n", 1)[-1]
+
+
 def parse_prompt(prompt: str) -> tuple[list[int], list[str]]:
-    """Operands and operators of a prompt "expr=?\n"."""
-    tokens = re.findall(r"\d+|[+\-*]", prompt.split("=", 1)[0])
+    """Operands and operators of a prompt's question "expr=?"."""
+    tokens = re.findall(r"\d+|[+\-*]", question_of(prompt).split("=", 1)[0])
     return [int(t) for t in tokens[0::2]], tokens[1::2]
 
 
@@ -105,12 +115,12 @@ def _draw(rng: random.Random, cfg: ArithmeticConfig) -> Problem | None:
     if any(r < 0 or r > cfg.max_result for r in step_results(steps)):
         return None
     expr = "".join(f"{a}{op}" for a, op in zip(operands, ops)) + str(operands[-1])
-    return Problem(f"{expr}=?\n", str(value), format_solution(steps, value))
+    return Problem(f"{cfg.instruction}{expr}=?\n", str(value), format_solution(steps, value))
 
 
 def split_of(prompt: str) -> str:
-    """The split ("train" or "test") a prompt belongs to; fixed by the prompt text alone."""
-    return "test" if zlib.crc32(prompt.encode()) % _TEST_BUCKETS == 0 else "train"
+    """The split ("train" or "test") a prompt belongs to; fixed by its question alone."""
+    return "test" if zlib.crc32(question_of(prompt).encode()) % _TEST_BUCKETS == 0 else "train"
 
 
 def iter_problems(split: str, cfg: ArithmeticConfig = ArithmeticConfig()) -> Iterator[Problem]:
@@ -119,6 +129,8 @@ def iter_problems(split: str, cfg: ArithmeticConfig = ArithmeticConfig()) -> Ite
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if not 1 <= cfg.num_ops_min <= cfg.num_ops_max or cfg.max_operand < 1:
         raise ValueError(f"invalid config {cfg}")
+    if re.search(r"[\d+\-*=]", cfg.instruction) or (cfg.instruction and not cfg.instruction.endswith("\n")):
+        raise ValueError(f"instruction must end with a newline and hold no digits, operators or '=': {cfg.instruction!r}")
     rng = random.Random(f"arithmetic:{cfg.seed}:{split}")
     while True:
         p = _draw(rng, cfg)

@@ -10,6 +10,7 @@ characters in their byte-level form ("\\n" as "Ċ", " " as "Ġ") makes that rebu
 """
 from __future__ import annotations
 
+import string
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -17,7 +18,7 @@ from transformers import PreTrainedTokenizerFast
 
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 SPECIALS = [PAD, EOS, UNK]  # UNK named so Qwen2Tokenizer does not add its own default
-CHARS = "0123456789+-*/()=?A: \n"
+CHARS = "0123456789+-*/()=?A: \n" + string.ascii_lowercase + "BCDEFGHIJKLMNOPQRSTUVWXYZ.,;'!"  # task text and instructions
 
 
 def _byte_level(ch: str) -> str:
