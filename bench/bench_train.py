@@ -10,6 +10,7 @@
 Run: pytest bench/bench_train.py --benchmark-only
 """
 import json
+import os
 import subprocess
 import sys
 import time
@@ -97,8 +98,9 @@ def test_tree_packed_vs_flattened(benchmark, tmp_path):
 
 def _peak_rss(layout: str, tmp: Path) -> int:
     """Peak resident-set growth of one forward + backward, in a fresh process per layout."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}  # the child imports what this process can
     out = subprocess.run([sys.executable, __file__, layout, str(tmp / layout)], capture_output=True, text=True,
-                         check=True, timeout=900)
+                         check=True, timeout=900, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_growth"]
 
 
