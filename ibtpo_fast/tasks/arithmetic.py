@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator
 DATA_SOURCE = "arithmetic"
 STEP_DELIMITER = "\n"
 ANSWER_PREFIX = "A:"
-_TEST_BUCKETS = 5  # one prompt in five belongs to the test split
+_TEST_BUCKETS = 5  # one question in five belongs to the test split
 _OPS = "+-*"
 # Shared by every prompt of a batch, as a real dataset's instruction is: the part of a prefix that
 # a prefix cache serves from memory. No digits, operators or "=", so it never reads as a question.
