@@ -25,8 +25,8 @@ from ibtpo_fast.sampler import IBTreeSampler, SamplerConfig
 from ibtpo_fast.smollm import load_smollm2, smollm2_dir
 from ibtpo_fast.tasks import STEP_DELIMITER, compute_score, make_split, tiny_model_path
 from ibtpo_fast.tasks.arithmetic import question_of
+from ibtpo_fast.tasks.make_tiny_model import MAX_NEW_TOKENS as MAX_NEW  # the bundled model's response cap
 
-MAX_NEW = 64
 PROBLEMS = 128  # prompts in one rollout batch, a small RL batch
 
 
