@@ -162,6 +162,43 @@ def test_cached_tokens_count_the_reused_prefix():
     assert [c.cached_tokens for c in twins] == [0, 6]
 
 
+def shared_prefix_requests() -> list[Request]:
+    """An instruction that every prompt shares, a longer context that two of them share, then ragged
+    questions: what a batch of RL prompts looks like."""
+    instruction, context = prompt(60, 40), prompt(61, 20)
+    questions = [prompt(70 + i, n) for i, n in enumerate([3, 11, 6, 25, 1])]
+    prefixes = [instruction + q for q in questions] + [instruction + context + q for q in questions[:2]]
+    return [Request(p, 8, SamplingParams(seed=i)) for i, p in enumerate(prefixes)]
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_prefixes_shared_within_a_call_are_computed_once_and_read_correctly(family):
+    model = tiny_model(family)
+    engine = TorchEngine(model)
+    requests = shared_prefix_requests()
+    completions = engine.generate(requests)
+    assert_matches_reference(model, requests, completions)
+    assert all(c.cached_tokens >= 40 for c in completions)  # the instruction came from the cache
+    # A second call continuing inside the responses reads the shared prefixes back from the cache.
+    second = branches(requests, completions)
+    assert_matches_reference(model, second, engine.generate(second))
+
+
+def test_a_shared_prefix_costs_its_tokens_once():
+    instruction = prompt(80, 40)
+    requests = [Request(instruction + prompt(90 + i, 5), 2, SamplingParams(seed=i)) for i in range(6)]
+    shared, separate = TorchEngine(tiny_model()), TorchEngine(tiny_model(), use_cache=False)
+    for engine in (shared, separate):
+        assert_matches_reference(engine.model, requests, engine.generate(requests))
+    assert shared.stats()["prefill_tokens"] == 40 + 6 * 5
+    assert separate.stats()["prefill_tokens"] == 6 * 45
+    # Below _MIN_SHARED_TOKENS a common prefix is left to each request: an extra forward would cost more.
+    short = [Request(instruction[:10] + prompt(90 + i, 5), 2, SamplingParams(seed=i)) for i in range(6)]
+    fresh = TorchEngine(tiny_model())
+    fresh.generate(short)
+    assert fresh.stats()["prefill_tokens"] == 6 * 15
+
+
 def test_branching_workload_hits_the_cache_and_computes_less():
     model = tiny_model()
     cached, uncached = TorchEngine(model), TorchEngine(model, use_cache=False)

@@ -1,8 +1,10 @@
 """The default rollout engine: any Hugging Face causal LM, CPU or one GPU, with a radix prefix cache.
 
-One `generate` call runs all its requests as one batch. Each distinct prefix is matched against the
-radix cache, its cached K/V copied into a left-padded batch buffer, and only its uncached suffix
-prefilled (requests with similar suffix lengths share one forward). Then every live request decodes
+One `generate` call runs all its requests as one batch. Prefixes that several requests share (an
+instruction, a system prompt, a tree's common steps) are computed once, into the radix cache. Then
+each distinct prefix is matched against the cache, its cached K/V copied into a left-padded batch
+buffer, and only its uncached suffix prefilled (requests with similar suffix lengths share one
+forward). Then every live request decodes
 together, one batched forward per step, each sequence at its true positions. A finished request's
 K/V (prefix + generated tokens) goes into the radix cache, so later branches of the same tree reuse
 the response too, and it leaves the batch.
@@ -28,6 +30,9 @@ from ibtpo_fast.engines.token_sampler import TokenSampler
 _PREFILL_TOKEN_BUDGET = 8192  # padded tokens (rows x window) in one prefill forward
 _DECODE_ROOM = 256  # columns a batch buffer first holds for decoding
 _NO_MATCH = PrefixMatch(0, [], None)
+# A shared prefix is computed apart only when it saves at least this many tokens of each prefix
+# sharing it: below that, the extra forward costs more than the recomputation it saves.
+_MIN_SHARED_TOKENS = 16
 
 
 @dataclass
@@ -192,6 +197,8 @@ class TorchEngine:
 
     def _run_batch(self, requests: Sequence[Request], slots: range) -> Iterator[tuple[int, Completion]]:
         prefixes, owners = self._distinct_prefixes(requests, slots)
+        if self.use_cache:
+            self._cache_shared_prefixes(prefixes)
         # The last prefix token is always run, for the logits of the first new token.
         matches = [self.cache.match_prefix(ids[:-1]) if self.use_cache else _NO_MATCH for ids in prefixes]
         locked = [m.node for m in matches if m.length]
@@ -230,6 +237,19 @@ class TorchEngine:
             prefixes.setdefault(key, ids)
             owners.setdefault(key, []).append(slot)
         return list(prefixes.values()), list(owners.values())
+
+    def _cache_shared_prefixes(self, prefixes: list[list[int]]) -> None:
+        """Compute once, into the cache, the uncached prefixes that several of `prefixes` share, so that
+        each of those is served from the cache instead of prefilled again with every prefix."""
+        shared = [ids for ids in _shared_prefixes(prefixes)
+                  if len(ids) - self.cache.match_prefix(ids).length >= _MIN_SHARED_TOKENS]
+        if not shared:
+            return
+        self._cache_shared_prefixes(shared)  # the prefixes these share in turn come first
+        matches = [self.cache.match_prefix(ids[:-1]) for ids in shared]
+        kv, _, order = self._prefill(shared, matches, len(shared), room=0)
+        for row, u in enumerate(order):
+            self.cache.insert(shared[u], kv.row_kv(row, len(shared[u])))
 
     def _new_row(self, requests: Sequence[Request], slot: int, ids: list[int], cached: int) -> _Row:
         request = requests[slot]
@@ -372,3 +392,29 @@ class TorchEngine:
 
     def _dtype(self) -> torch.dtype:
         return self.model.get_input_embeddings().weight.dtype
+
+
+def _shared_prefixes(prefixes: list[list[int]]) -> list[list[int]]:
+    """The distinct prefixes of at least _MIN_SHARED_TOKENS tokens that two or more of `prefixes` share,
+    each shorter than those it is shared by (their last token is always run): the longest common
+    prefixes of neighbours in sorted order, which are the branch points of the prefixes' trie."""
+    ordered = sorted(prefixes)
+    shared: dict[tuple[int, ...], list[int]] = {}
+    for a, b in zip(ordered, ordered[1:]):
+        n = _common_length(a, b, min(len(a), len(b)) - 1)
+        if n >= _MIN_SHARED_TOKENS:
+            shared.setdefault(tuple(a[:n]), a[:n])
+    return list(shared.values())
+
+
+def _common_length(a: list[int], b: list[int], limit: int) -> int:
+    """Length of the common prefix of `a` and `b`, at most `limit`: a binary search over slice
+    comparisons, which run in C."""
+    low, high = 0, limit
+    while low < high:
+        mid = (low + high + 1) // 2
+        if a[:mid] == b[:mid]:
+            low = mid
+        else:
+            high = mid - 1
+    return low
