@@ -126,7 +126,7 @@ def prefix_reuse(benchmark, model, tok, problems, prompts, rounds: int, **sample
 def test_prefix_reuse(benchmark, tiny):
     model, tok = tiny
     problems, prompts = workload(benchmark, tok)
-    prefix_reuse(benchmark, model, tok, problems, prompts, rounds=1 if benchmark.disabled else 3)
+    prefix_reuse(benchmark, model, tok, problems, prompts, rounds=1 if benchmark.disabled else 5)
 
 
 def smollm2_workload(n: int):
