@@ -283,9 +283,23 @@ def test_eviction_keeps_the_cap_and_generation_correct():
         requests = branches(requests, completions, cuts=(2, 5))[:4] + [Request(prompt(len(requests), 20), 6)]
 
 
+def poison_unwritten_columns(monkeypatch) -> None:
+    """Fill every batch buffer's columns from the cursor on with NaN when it is allocated or grown: they
+    must be written before they are read, or the log-probs turn NaN."""
+    def poisoned(method):
+        def run(kv, *args, **kwargs):
+            method(kv, *args, **kwargs)
+            kv.buffer.narrow(4, kv.cursor, kv.buffer.shape[4] - kv.cursor).fill_(float("nan"))
+        return run
+
+    monkeypatch.setattr(batch_kv.BatchKV, "__init__", poisoned(batch_kv.BatchKV.__init__))
+    monkeypatch.setattr(batch_kv.BatchKV, "reserve", poisoned(batch_kv.BatchKV.reserve))
+
+
 def test_rows_finishing_at_different_steps_and_a_growing_buffer(monkeypatch):
     monkeypatch.setattr(torch_engine, "_DECODE_ROOM", 1)  # grow the batch buffer often
     monkeypatch.setattr(batch_kv, "_MIN_GROWTH", 1)
+    poison_unwritten_columns(monkeypatch)
     model = tiny_model("qwen3")
     engine = TorchEngine(model)
     stops = list(range(0, VOCAB, 9))  # common enough that rows stop at scattered steps

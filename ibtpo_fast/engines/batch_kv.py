@@ -13,14 +13,17 @@ class BatchKV(Cache):
 
     Rows are left-padded so that all rows end in the same column: a decode step writes one column for
     every row. Row i's tokens occupy columns [pads[i], cursor); attention reads columns [start, cursor),
-    start being the first column any live row uses. Pad columns are zero (never NaN) and masked.
+    start being the first column any live row uses. Pad columns are zero (never NaN) and masked;
+    columns from the cursor on hold whatever memory held until a forward writes them.
     Rows only ever move within the buffer, which is allocated once per batch and grown only when
     decoding outruns it: fresh memory is costly (page faults), copies of a few rows are not.
     """
 
     def __init__(self, shape: tuple[int, ...], pads: list[int], cursor: int, dtype, device) -> None:
         super().__init__(layers=[])
-        self.buffer = torch.zeros(shape, dtype=dtype, device=device)
+        # Only the prefix columns need zeros: every later column is written before it is read.
+        self.buffer = torch.empty(shape, dtype=dtype, device=device)
+        self.buffer.narrow(4, 0, cursor).zero_()
         self.pads = torch.tensor(pads, device=device)
         self.rows = len(pads)
         self.start = 0
@@ -50,7 +53,8 @@ class BatchKV(Cache):
         """Append rows copying rows `sources` (several samples continuing one prefix)."""
         index = torch.tensor(sources, device=self.pads.device)
         rows = torch.arange(self.rows, self.rows + len(sources), device=index.device)
-        self.buffer.index_copy_(2, rows, self.buffer.index_select(2, index))
+        written = self.buffer.narrow(4, 0, self.cursor)
+        written.index_copy_(2, rows, written.index_select(2, index))
         self.pads = torch.cat([self.pads, self.pads[index]])
         self.rows += len(sources)
         self.focus(0, self.rows, self.cursor)
@@ -65,9 +69,10 @@ class BatchKV(Cache):
         for hole, mover in zip(holes, movers):
             order[hole] = mover
         device = self.pads.device
-        if holes:
-            moved = self.buffer.index_select(2, torch.tensor(movers, device=device))
-            self.buffer.index_copy_(2, torch.tensor(holes, device=device), moved)
+        if holes:  # columns before `start` are no live row's, columns after `cursor` are unwritten
+            live_columns = self.buffer.narrow(4, self.start, self.cursor - self.start)
+            moved = live_columns.index_select(2, torch.tensor(movers, device=device))
+            live_columns.index_copy_(2, torch.tensor(holes, device=device), moved)
         self.pads = self.pads[torch.tensor(order, device=device)]
         self.rows = live
         if live:
