@@ -197,6 +197,10 @@ def test_a_shared_prefix_costs_its_tokens_once():
     fresh = TorchEngine(tiny_model())
     fresh.generate(short)
     assert fresh.stats()["prefill_tokens"] == 6 * 15
+    # Nor is one the cache could not hold until it is read.
+    small = TorchEngine(tiny_model(), max_cache_tokens=39)
+    assert_matches_reference(small.model, requests, small.generate(requests))
+    assert small.stats()["prefill_tokens"] == 6 * 45
 
 
 def test_branching_workload_hits_the_cache_and_computes_less():

@@ -4,10 +4,9 @@ One `generate` call runs all its requests as one batch. Prefixes that several re
 instruction, a system prompt, a tree's common steps) are computed once, into the radix cache. Then
 each distinct prefix is matched against the cache, its cached K/V copied into a left-padded batch
 buffer, and only its uncached suffix prefilled (requests with similar suffix lengths share one
-forward). Then every live request decodes
-together, one batched forward per step, each sequence at its true positions. A finished request's
-K/V (prefix + generated tokens) goes into the radix cache, so later branches of the same tree reuse
-the response too, and it leaves the batch.
+forward). Then every live request decodes together, one batched forward per step, each sequence at
+its true positions. A finished request's K/V (prefix + generated tokens) goes into the radix cache,
+so later branches of the same tree reuse the response too, and it leaves the batch.
 """
 from __future__ import annotations
 
@@ -242,7 +241,8 @@ class TorchEngine:
         """Compute once, into the cache, the uncached prefixes that several of `prefixes` share, so that
         each of those is served from the cache instead of prefilled again with every prefix."""
         shared = [ids for ids in _shared_prefixes(prefixes)
-                  if len(ids) - self.cache.match_prefix(ids).length >= _MIN_SHARED_TOKENS]
+                  if len(ids) <= self.cache.max_tokens  # else it would be evicted before it is read
+                  and len(ids) - self.cache.match_prefix(ids).length >= _MIN_SHARED_TOKENS]
         if not shared:
             return
         self._cache_shared_prefixes(shared)  # the prefixes these share in turn come first
