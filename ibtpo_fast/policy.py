@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import torch
 
+from ibtpo_fast.attention_impl import attention_implementation, head_dim
 from ibtpo_fast.kernels import logprob_entropy
 from ibtpo_fast.packing import TrainBatch
-from ibtpo_fast.attention_impl import attention_implementation, head_dim
 from ibtpo_fast.tree_attention import GATHER_ATTENTION, TREE_ATTENTION_BACKENDS
 
 # Attention implementations a model may be loaded with for tree-packed training: transformers routes
