@@ -1,12 +1,13 @@
 """The default rollout engine: any Hugging Face causal LM, CPU or one GPU, with a radix prefix cache.
 
 One `generate` call runs all its requests as one batch. Prefixes that several requests share (an
-instruction, a system prompt, a tree's common steps) are computed once, into the radix cache. Then
-each distinct prefix is matched against the cache, its cached K/V copied into a left-padded batch
-buffer, and only its uncached suffix prefilled (requests with similar suffix lengths share one
-forward). Then every live request decodes together, one batched forward per step, each sequence at
-its true positions. A finished request's K/V (prefix + generated tokens) goes into the radix cache,
-so later branches of the same tree reuse the response too, and it leaves the batch.
+instruction, a system prompt, a tree's common steps) are computed once, into the radix cache, and
+count in `cached_tokens` for every request that reads them from there. Then each distinct prefix
+is matched against the cache, its cached K/V copied into a left-padded batch buffer, and only its
+uncached suffix prefilled (requests with similar suffix lengths share one forward). Then every
+live request decodes together, one batched forward per step, each sequence at its true positions.
+A finished request's K/V (prefix + generated tokens) goes into the radix cache, so later branches
+of the same tree reuse the response too, and it leaves the batch.
 """
 from __future__ import annotations
 
