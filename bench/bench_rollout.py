@@ -14,6 +14,7 @@
 Run: pytest bench/bench_rollout.py --benchmark-only
 """
 import time
+from functools import partial
 
 import numpy as np
 import pytest
@@ -117,7 +118,7 @@ def prefix_reuse(benchmark, model, tok, problems, prompts, rounds: int, **sample
         engine.reset_stats()
         return run_sampler(model, tok, problems, prompts, "ib", "4,9,1,1", engine=engine, **sampler_kw)
 
-    runs = {cache: (lambda cache=cache: run(cache)) for cache in (True, False)}
+    runs = {cache: partial(run, cache) for cache in (True, False)}
     res = benchmark.pedantic(interleaved, (runs, rounds), rounds=1, iterations=1)
     (on, t_on), (off, t_off) = res[True], res[False]
     assert np.array_equal(on.forest.tokens, off.forest.tokens)  # same seeds, same tokens: only the cost differs

@@ -172,7 +172,7 @@ def shared_prefix_requests() -> list[Request]:
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_prefixes_shared_within_a_call_are_computed_once_and_read_correctly(family):
+def test_prefixes_shared_within_a_call_are_read_correctly_from_the_cache(family):
     model = tiny_model(family)
     engine = TorchEngine(model)
     requests = shared_prefix_requests()
