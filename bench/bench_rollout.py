@@ -45,9 +45,9 @@ def workload(benchmark, tok):
     return problems, [tok.encode(p.prompt, add_special_tokens=False) for p in problems]
 
 
-def run_sampler(model, tok, problems, prompts, strategy, tree, use_cache=True, seed=0, max_new=MAX_NEW,
-                sampling=SamplingParams(), engine=None):
-    engine = engine or TorchEngine(model, tokenizer=tok, use_cache=use_cache)
+def run_sampler(model, tok, problems, prompts, strategy, tree, seed=0, max_new=MAX_NEW, sampling=SamplingParams(),
+                engine=None):
+    engine = engine or TorchEngine(model, tokenizer=tok)
 
     def reward(trees, responses):
         texts = tok.batch_decode([r.tolist() for r in responses], skip_special_tokens=True)

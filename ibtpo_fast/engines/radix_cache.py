@@ -31,14 +31,20 @@ class PrefixMatch(NamedTuple):
     node: _Node  # deepest node touched; pass it to lock / unlock
 
 
-def _common_length(edge: list[int], ids: list[int], start: int) -> int:
-    n = min(len(edge), len(ids) - start)
-    if edge[:n] == ids[start : start + n]:  # the usual case, compared in C
+def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the common prefix of two token lists: one comparison in C in the usual case (one
+    is a prefix of the other), else a binary search over slice comparisons."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
         return n
-    i = 0
-    while edge[i] == ids[start + i]:
-        i += 1
-    return i
+    low, high = 0, n - 1  # a[:low] == b[:low]; a[:high + 1] != b[:high + 1]
+    while low < high:
+        mid = (low + high + 1) // 2
+        if a[:mid] == b[:mid]:
+            low = mid
+        else:
+            high = mid - 1
+    return low
 
 
 class RadixCache:
@@ -66,7 +72,7 @@ class RadixCache:
         node, pos, chunks = self.root, 0, []
         now = next(self._clock)
         while pos < len(ids) and (child := node.children.get(ids[pos])) is not None:
-            n = _common_length(child.tokens, ids, pos)
+            n = common_prefix_length(child.tokens, ids[pos : pos + len(child.tokens)])
             child.last_used = now
             chunks.append(child.kv if n == len(child.tokens) else child.kv[:, :, :, :n])
             node, pos = child, pos + n
@@ -92,7 +98,7 @@ class RadixCache:
                 node.children[ids[pos]] = leaf
                 self.num_tokens += len(leaf.tokens)
                 break
-            n = _common_length(child.tokens, ids, pos)
+            n = common_prefix_length(child.tokens, ids[pos : pos + len(child.tokens)])
             if n < len(child.tokens):
                 child = self._split(child, n)
             child.last_used = now

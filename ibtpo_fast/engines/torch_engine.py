@@ -24,7 +24,7 @@ from ibtpo_fast.attention_impl import attention_implementation, head_dim
 from ibtpo_fast.engines.batch_kv import BatchKV
 from ibtpo_fast.engines.decode_attention import DECODE_ATTENTION
 from ibtpo_fast.engines.protocol import Completion, Request
-from ibtpo_fast.engines.radix_cache import PrefixMatch, RadixCache
+from ibtpo_fast.engines.radix_cache import PrefixMatch, RadixCache, common_prefix_length
 from ibtpo_fast.engines.token_sampler import TokenSampler
 
 _PREFILL_TOKEN_BUDGET = 8192  # padded tokens (rows x window) in one prefill forward
@@ -402,20 +402,7 @@ def _shared_prefixes(prefixes: list[list[int]]) -> list[list[int]]:
     ordered = sorted(prefixes)
     shared: dict[tuple[int, ...], list[int]] = {}
     for a, b in zip(ordered, ordered[1:]):
-        n = _common_length(a, b, min(len(a), len(b)) - 1)
+        n = min(common_prefix_length(a, b), len(a) - 1, len(b) - 1)
         if n >= _MIN_SHARED_TOKENS:
             shared.setdefault(tuple(a[:n]), a[:n])
     return list(shared.values())
-
-
-def _common_length(a: list[int], b: list[int], limit: int) -> int:
-    """Length of the common prefix of `a` and `b`, at most `limit`: a binary search over slice
-    comparisons, which run in C."""
-    low, high = 0, limit
-    while low < high:
-        mid = (low + high + 1) // 2
-        if a[:mid] == b[:mid]:
-            low = mid
-        else:
-            high = mid - 1
-    return low
