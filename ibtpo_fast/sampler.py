@@ -137,7 +137,7 @@ class IBTreeSampler:
             leaves = [self._attach(forest, b, c, generated, finish) for b, c in zip(branches, completions)]
             self._score(forest, leaves, finish)
             timing["reward"] += time.perf_counter() - t0
-        metrics = self._metrics(forest, generated, prefix_total, cached_total, timing)
+        metrics = self._metrics(forest, generated, prefix_total, cached_total, timing, finish)
         return Rollout(forest, generated, metrics, finish)
 
     # ---- one round -------------------------------------------------------------------------
@@ -218,7 +218,9 @@ class IBTreeSampler:
         return total / np.maximum(forest.num_children, 1)
 
     # ---- accounting ------------------------------------------------------------------------
-    def _metrics(self, forest: Forest, generated: np.ndarray, prefix: int, cached: int, timing: dict) -> dict:
+    def _metrics(
+        self, forest: Forest, generated: np.ndarray, prefix: int, cached: int, timing: dict, finish: dict
+    ) -> dict:
         leaves = forest.is_leaf
         resp_len = forest.response_lengths()[leaves]
         trajectories = int(leaves.sum())
@@ -233,6 +235,8 @@ class IBTreeSampler:
             "tree/eff_rate": float(np.mean([r.min() != r.max() for r in per_tree])),
             "critic/score/mean": float(rewards.mean()),
             "response_length/mean": float(resp_len.mean()),
+            # share of trajectories cut at max_new_tokens (they score 0)
+            "response_length/clip_ratio": float(np.mean([finish[v] == "length" for v in np.flatnonzero(leaves)])),
             "rollout/prefix_cache_hit_rate": cached / max(prefix, 1),
             **{f"timing/{k}": v for k, v in timing.items()},
         }

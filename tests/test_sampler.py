@@ -1,4 +1,6 @@
 """IBTree sampling on the bundled tiny model through the real TorchEngine."""
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -75,6 +77,21 @@ def test_ib_rounds_shape_and_accounting(tiny):
     assert rollout.metrics["rollout/prefix_cache_hit_rate"] > 0.5
     assert rollout.metrics["tree/trajectories"] == 8
     walk(f)  # a forest ready for the walk
+
+
+@pytest.mark.parametrize("max_new_tokens", [6, 64])
+def test_clip_ratio_is_the_share_of_cut_trajectories(tiny, max_new_tokens):
+    problems = make_split("train", 2)
+    sampler, _, _ = make_sampler(tiny, problems, tree=TreeSpec(2, 2, 1, 1))
+    sampler.cfg = dataclasses.replace(sampler.cfg, max_new_tokens=max_new_tokens)
+    rollout = sampler.sample(prompts_of(tiny[1], problems))
+    f = rollout.forest
+    leaves = np.flatnonzero(f.is_leaf)
+    cut = [f.response_lengths()[v] == max_new_tokens and rollout.finish_reason[v] == "length"
+           for v in leaves]
+    assert rollout.metrics["response_length/clip_ratio"] == pytest.approx(np.mean(cut))
+    # 6 tokens are shorter than any solution; 64 hold most
+    assert (rollout.metrics["response_length/clip_ratio"] == 1.0) == (max_new_tokens == 6)
 
 
 def test_pick_follows_ib_score_and_tie_rules(tiny):

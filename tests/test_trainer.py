@@ -63,6 +63,7 @@ def test_default_cli_run_writes_metrics_plots_and_checkpoint(tmp_path):
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [0, 1, 2]
     names = {"critic/score/mean", "actor/entropy", "actor/pg_clipfrac", "actor/kl", "response_length/mean",
+             "response_length/clip_ratio",
              "ib/score_mean", "ib/cov_eta", "tree/eff_rate", "tree/trajectories", "tree/generated_tokens",
              "tree/trajectories_per_1k_tokens", "tree/unique_token_ratio", "rollout/prefix_cache_hit_rate",
              "timing/rollout", "timing/reward", "timing/walk", "timing/update", "timing/sync"}
