@@ -6,9 +6,10 @@ import math
 import random
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -27,6 +28,22 @@ from ibtpo_fast.rewards import RewardScorer, default_math_reward, load_reward_fn
 from ibtpo_fast.runlog import RunLogger, plot_metrics, read_metrics
 from ibtpo_fast.sampler import IBTreeSampler, SamplerConfig
 from ibtpo_fast.walk import walk
+
+
+@contextmanager
+def _deterministic(enabled: bool) -> Iterator[None]:
+    """torch's deterministic algorithms inside the block, the caller's setting after it. On several CPU
+    threads the update's backward otherwise sums in a varying order (index accumulation, MKL matmuls), so
+    runs from one seed drift apart; on CPU the deterministic paths cost nothing measurable here."""
+    if not enabled:
+        yield
+        return
+    was, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=warn_only)
 
 
 @dataclass
@@ -223,6 +240,10 @@ class Trainer:
         return flatten(forest, w.advantage, w.leaves, pad, self.cfg.algo.prefix_weighting)
 
     def update(self, batch: TrainBatch) -> dict[str, float]:
+        with _deterministic(self.device.type == "cpu"):
+            return self._update(batch)
+
+    def _update(self, batch: TrainBatch) -> dict[str, float]:
         cfg = self.cfg
         ref_logp = self._ref_logprobs(batch) if self.ref_model is not None else None
         self.model.train()
