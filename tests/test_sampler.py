@@ -1,6 +1,4 @@
 """IBTree sampling on the bundled tiny model through the real TorchEngine."""
-import dataclasses
-
 import numpy as np
 import pytest
 import torch
@@ -37,7 +35,7 @@ class Spy:
         self.engine.flush_cache()
 
 
-def make_sampler(tiny, problems, **kw):
+def make_sampler(tiny, problems, max_new_tokens=64, **kw):
     model, tok = tiny
     engine = Spy(TorchEngine(model, tokenizer=tok))
     reward_calls = []
@@ -47,7 +45,7 @@ def make_sampler(tiny, problems, **kw):
         texts = tok.batch_decode([r.tolist() for r in responses], skip_special_tokens=True)
         return [compute_score("arithmetic", t, problems[i].answer) for i, t in zip(trees, texts)]
 
-    cfg = SamplerConfig(max_new_tokens=64, sampling=SamplingParams(temperature=1.0), stop_token_ids=(tok.eos_token_id,),
+    cfg = SamplerConfig(max_new_tokens=max_new_tokens, sampling=SamplingParams(temperature=1.0), stop_token_ids=(tok.eos_token_id,),
                         step_delimiter=STEP_DELIMITER, **kw)
     return IBTreeSampler(engine, tok, reward_fn, cfg), engine, reward_calls
 
@@ -82,8 +80,7 @@ def test_ib_rounds_shape_and_accounting(tiny):
 @pytest.mark.parametrize("max_new_tokens", [6, 64])
 def test_clip_ratio_is_the_share_of_cut_trajectories(tiny, max_new_tokens):
     problems = make_split("train", 2)
-    sampler, _, _ = make_sampler(tiny, problems, tree=TreeSpec(2, 2, 1, 1))
-    sampler.cfg = dataclasses.replace(sampler.cfg, max_new_tokens=max_new_tokens)
+    sampler, _, _ = make_sampler(tiny, problems, max_new_tokens, tree=TreeSpec(2, 2, 1, 1))
     rollout = sampler.sample(prompts_of(tiny[1], problems))
     f = rollout.forest
     leaves = np.flatnonzero(f.is_leaf)
