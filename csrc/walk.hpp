@@ -1,4 +1,4 @@
-// IB-TPO tree walk over a Forest (ALGORITHM.md sections 1, 2, 4): plain C++ over raw buffers,
+// IB-TPO tree walk over a Forest (docs/algorithm.md sections 1, 2, 4): plain C++ over raw buffers,
 // no Python types, so the bindings can release the GIL around it.
 #pragma once
 #include <cstdint>

@@ -1,4 +1,4 @@
-"""Policy loss (ALGORITHM.md section 5) and its token aggregation, in one registry.
+"""Policy loss (docs/algorithm.md section 5) and its token aggregation, in one registry.
 
 Every aggregation mode is a per-token coefficient c_t with loss = sum_t c_t * loss_t, so the
 flattened-trajectory batch and a tree-packed batch (where a token stands for every trajectory

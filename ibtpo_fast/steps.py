@@ -1,4 +1,4 @@
-"""Cut a response into reasoning steps at a text delimiter (ALGORITHM.md section 1).
+"""Cut a response into reasoning steps at a text delimiter (docs/algorithm.md section 1).
 
 A step ends on the token whose decoded text completes the delimiter, also when the delimiter sits
 inside a larger token (".\\n\\n"). Decoding is per token, cached per tokenizer, so splitting costs

@@ -1,4 +1,4 @@
-"""Pure-Python reference of ALGORITHM.md sections 1, 2 and 4, written line by line from the spec."""
+"""Pure-Python reference of docs/algorithm.md sections 1, 2 and 4, written line by line from the spec."""
 from __future__ import annotations
 
 import math
