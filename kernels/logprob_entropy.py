@@ -19,6 +19,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .chunking import rows_per_chunk
+
 Backend = Literal["auto", "torch", "triton"]
 
 # The CPU path is chunked torch: its time is the MKL matmuls, and a numba row epilogue
@@ -30,11 +32,6 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def rows_per_chunk(n: int, width: int, itemsize: int, budget: int) -> int:
-    """Largest token chunk whose [chunk, width] buffer fits `budget` bytes (at least 1)."""
-    return max(1, min(n, budget // max(1, width * itemsize)))
 
 
 def _logits_into(out: Tensor, h: Tensor, w: Tensor, b: Tensor | None, inv_t: float) -> Tensor:

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .logprob_entropy import rows_per_chunk
+from .chunking import rows_per_chunk
 
 # [chunk, V] dlogits buffer in the input dtype. Large on purpose: every chunk re-reads and
 # re-writes the fp32 [V, D] grad_weight accumulator, which costs as much as a small matmul.
