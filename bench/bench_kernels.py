@@ -76,7 +76,11 @@ def _naive_timer(times, step):
     return setup
 
 
-def _compare(benchmark, shape, dtype, device, rounds, warmup):
+# Targets: fused time <= 1.0x naive; peak memory <= 0.25x naive, asserted as is (peaks are not noisy).
+TIME_TARGET, PEAK_TARGET = 1.0, 0.25
+
+
+def _compare(benchmark, claim, shape, dtype, device, rounds, warmup):
     inputs = make_inputs(shape, dtype, device)
     naive_times: list[float] = []
     benchmark.pedantic(
@@ -91,32 +95,29 @@ def _compare(benchmark, shape, dtype, device, rounds, warmup):
         shape_NDV=list(shape), dtype=str(dtype), rounds=rounds,
         fused_min_s=fused.min, fused_mean_s=fused.mean,
         naive_min_s=min(naive_times), naive_mean_s=sum(naive_times) / len(naive_times),
-        time_ratio_vs_naive=fused.min / min(naive_times),
         mean_time_ratio_vs_naive=fused.mean * len(naive_times) / sum(naive_times),
     )
+    claim("time_ratio_vs_naive", fused.min / min(naive_times), TIME_TARGET, higher_is_better=False)
     return fused.min
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc for RSS")
-def test_cpu_fused_vs_naive(benchmark):
+def test_cpu_fused_vs_naive(benchmark, claim):
     shape = CPU_SMOKE_SHAPE if benchmark.disabled else CPU_SHAPE
     benchmark.group = "logprob_entropy cpu"
-    _compare(benchmark, shape, torch.float32, "cpu", rounds=3, warmup=0)
+    _compare(benchmark, claim, shape, torch.float32, "cpu", rounds=3, warmup=0)
     fused_mem, naive_mem = peak_rss_growth("fused", shape), peak_rss_growth("naive", shape)
-    ratio = fused_mem / naive_mem
-    benchmark.extra_info.update(
-        fused_peak_mib=fused_mem / 2**20, naive_peak_mib=naive_mem / 2**20, peak_mem_ratio_vs_naive=ratio
-    )
-    if not benchmark.disabled:
-        assert ratio <= 0.25, f"fused peak memory is {ratio:.2f}x naive"
+    benchmark.extra_info.update(fused_peak_mib=fused_mem / 2**20, naive_peak_mib=naive_mem / 2**20)
+    # Smoke shapes are too small for the resident set to show the difference: asserted only when benchmarking.
+    claim("peak_mem_ratio_vs_naive", fused_mem / naive_mem, PEAK_TARGET, higher_is_better=False, slack=1.0)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_gpu_fused_vs_naive(benchmark):
+def test_gpu_fused_vs_naive(benchmark, claim):
     shape = GPU_SMOKE_SHAPE if benchmark.disabled else GPU_SHAPE
     benchmark.group = "logprob_entropy gpu"
-    fused_min = _compare(benchmark, shape, torch.bfloat16, "cuda", rounds=5, warmup=1)
+    fused_min = _compare(benchmark, claim, shape, torch.bfloat16, "cuda", rounds=5, warmup=1)
     if fused_min is None:
         return
     n, d, v = shape
@@ -131,8 +132,8 @@ def test_gpu_fused_vs_naive(benchmark):
     benchmark.extra_info.update(
         tflops=tflops, fraction_of_989_tflops=tflops / H100_DENSE_BF16_TFLOPS,
         fused_peak_mib=peaks["fused"] / 2**20, naive_peak_mib=peaks["naive"] / 2**20,
-        peak_mem_ratio_vs_naive=peaks["fused"] / peaks["naive"],
     )
+    claim("peak_mem_ratio_vs_naive", peaks["fused"] / peaks["naive"], PEAK_TARGET, higher_is_better=False, slack=1.0)
 
 
 if __name__ == "__main__":  # child for peak_rss_growth: VARIANT N D V

@@ -7,9 +7,9 @@ import time
 
 import numpy as np
 import pytest
+from oracle import oracle_walk
 
 from ibtpo_fast import Forest, walk
-from oracle import oracle_walk
 
 
 def ibtree_like_forest(num_nodes: int, seed: int = 0) -> Forest:
@@ -51,8 +51,13 @@ def _oracle(f: Forest) -> dict:
                        f.reward.tolist())
 
 
+SPEEDUP_TARGET = {100_000: 100.0}  # the claim is at 100k nodes; 1k nodes is for the record
+NODES_PER_S_TARGET = 10e6  # at 1M nodes
+
+
 @pytest.mark.parametrize("num_nodes", [1_000, 100_000])
-def test_walk_vs_oracle(benchmark, num_nodes):
+def test_walk_vs_oracle(benchmark, claim, num_nodes):
+    target = SPEEDUP_TARGET.get(num_nodes)
     if benchmark.disabled:
         num_nodes = min(num_nodes, 2_000)
     f = ibtree_like_forest(num_nodes)
@@ -62,12 +67,14 @@ def test_walk_vs_oracle(benchmark, num_nodes):
     got = benchmark(walk, f)
     np.testing.assert_allclose(got.advantage, want["advantage"], rtol=1e-9, atol=1e-9, equal_nan=True)
     native_s = benchmark.stats.stats.min if not benchmark.disabled else oracle_s
-    benchmark.extra_info.update(nodes=len(f), oracle_s=oracle_s, speedup_vs_oracle=oracle_s / native_s)
+    benchmark.extra_info.update(nodes=len(f), oracle_s=oracle_s)
+    claim("speedup_vs_oracle", oracle_s / native_s, target)
 
 
-def test_walk_1m_nodes(benchmark):
+def test_walk_1m_nodes(benchmark, claim):
     f = ibtree_like_forest(10_000 if benchmark.disabled else 1_000_000)
     got = benchmark(walk, f)
     assert got.leaves[f.roots].sum() == f.is_leaf.sum()
     if not benchmark.disabled:
-        benchmark.extra_info.update(nodes=len(f), nodes_per_s=len(f) / benchmark.stats.stats.min)
+        benchmark.extra_info.update(nodes=len(f))
+        claim("nodes_per_s", len(f) / benchmark.stats.stats.min, NODES_PER_S_TARGET)

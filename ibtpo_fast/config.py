@@ -9,11 +9,14 @@ from __future__ import annotations
 import codecs
 import dataclasses
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import yaml
+
+from ibtpo_fast.errors import ConfigError
 
 
 @dataclass
@@ -30,6 +33,7 @@ class DataConfig:
     train_files: str = ""  # jsonl / parquet (verl format or {"prompt", "answer"})
     val_files: str = ""
     reward_fn: str = ""  # module:function in verl's compute_score contract; empty: the task's
+    reward_workers: int = 2  # processes scoring a reward_fn or the math grader (0: inline); the bundled grader runs inline
     batch_size: int = 16  # prompts (trees) per step
     max_prompt_tokens: int = 256
     val_size: int = 128
@@ -106,7 +110,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
 
 
-# The paper's comparisons (ALGORITHM.md sections 3 and 5), applied over the defaults.
+# The paper's comparisons (docs/algorithm.md sections 3 and 5), applied over the defaults.
 PRESETS: dict[str, dict[str, Any]] = {
     "ibtpo": {},
     "grpo": {"rollout.strategy": "independent", "rollout.tree": "8,1,1,1", "algo.lam": 0.0},
@@ -118,31 +122,46 @@ PRESETS: dict[str, dict[str, Any]] = {
     "entropy_tree": {"rollout.strategy": "entropy", "algo.lam": 0.0},
 }
 
-_CHOICES = {
-    "rollout.strategy": ("ib", "independent", "random", "entropy"),
-    "algo.step_prob": ("geomean", "product"),
-    "algo.loss_agg": ("token-mean", "seq-mean-token-mean"),
-    "algo.prefix_weighting": ("none", "sqrt"),
+# Keys with a fixed set of values; each module that implements the choice owns its names (imported
+# when a config is validated: they live beside torch and transformers).
+_OWN_CHOICES = {
     "train.lr_schedule": ("constant", "cosine"),
     "run.resume": ("auto", "never"),
-    "run.progress": ("auto", "on", "off"),
-    "model.dtype": ("float32", "bfloat16", "float16"),
-    "data.task": ("arithmetic", "file"),
-    "train.layout": ("auto", "tree", "flat"),
-    "train.tree_attention": ("auto", "gather", "mask", "flex"),
-    "model.attn_implementation": ("sdpa", "eager", "flex_attention", "flash_attention_2"),
 }
+
+
+def _choices() -> dict[str, tuple[str, ...]]:
+    from ibtpo_fast.loading import DTYPES, TASKS
+    from ibtpo_fast.losses import AGGREGATIONS
+    from ibtpo_fast.packing import LAYOUTS, PREFIX_WEIGHTINGS
+    from ibtpo_fast.policy import MODEL_ATTENTION
+    from ibtpo_fast.runlog import PROGRESS_MODES
+    from ibtpo_fast.sampler import STRATEGIES
+    from ibtpo_fast.tree_attention import TREE_ATTENTION_BACKENDS
+    from ibtpo_fast.walk import STEP_PROBS
+
+    return {
+        **_OWN_CHOICES,
+        "rollout.strategy": STRATEGIES,
+        "algo.step_prob": STEP_PROBS,
+        "algo.loss_agg": tuple(AGGREGATIONS),
+        "algo.prefix_weighting": PREFIX_WEIGHTINGS,
+        "run.progress": PROGRESS_MODES,
+        "model.dtype": DTYPES,
+        "data.task": TASKS,
+        "train.layout": ("auto",) + LAYOUTS,
+        "train.tree_attention": ("auto",) + TREE_ATTENTION_BACKENDS,
+        "model.attn_implementation": MODEL_ATTENTION,
+    }
+
+
 _POSITIVE = {"data.batch_size", "data.max_prompt_tokens", "rollout.max_new_tokens", "rollout.temperature",
              "rollout.top_p", "rollout.max_cache_tokens", "rollout.reward_timeout_s", "algo.beta",
              "train.ppo_epochs", "train.mini_batches", "train.eval_k", "train.max_bad_steps",
              "run.keep_last", "run.save_every", "data.val_size"}
 _NON_NEGATIVE = {"algo.lam", "algo.eps", "algo.clip_low", "algo.clip_high", "algo.kl_coef", "algo.entropy_coef",
                  "train.steps", "train.lr", "train.warmup_steps", "train.weight_decay", "train.grad_clip",
-                 "train.eval_every", "rollout.token_budget", "rollout.min_step_tokens"}
-
-
-class ConfigError(ValueError):
-    pass
+                 "train.eval_every", "rollout.token_budget", "rollout.min_step_tokens", "data.reward_workers"}
 
 
 def _coerce(key: str, raw: Any, typ: Any) -> Any:
@@ -234,9 +253,9 @@ def _get(cfg: Config, key: str) -> Any:
 
 
 def validate(cfg: Config) -> None:
-    from ibtpo_fast.sampler import TreeSpec
+    from ibtpo_fast.sampler import check_tree
 
-    for key, choices in _CHOICES.items():
+    for key, choices in _choices().items():
         if _get(cfg, key) not in choices:
             raise ConfigError(f"{key}: {_get(cfg, key)!r} is not one of {', '.join(choices)}")
     for key in _POSITIVE:
@@ -250,11 +269,9 @@ def validate(cfg: Config) -> None:
     if cfg.rollout.top_k == 0 or cfg.rollout.top_k < -1:
         raise ConfigError(f"rollout.top_k: must be -1 (off) or >= 1, got {cfg.rollout.top_k}")
     try:
-        spec = TreeSpec.parse(cfg.rollout.tree)
+        check_tree(cfg.rollout.strategy, cfg.rollout.tree)
     except ValueError as e:
         raise ConfigError(f"rollout.tree: {e}") from None
-    if cfg.rollout.strategy == "independent" and spec.L != 1:
-        raise ConfigError(f"rollout.tree: strategy 'independent' needs L = 1, got {cfg.rollout.tree}")
     if cfg.data.task == "file" and not cfg.data.train_files:
         raise ConfigError("data.train_files: required when data.task=file")
 

@@ -8,11 +8,14 @@ Two row formats load unchanged:
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
+
+from ibtpo_fast.errors import DataError, MissingExtraError
 
 
 @dataclass
@@ -35,7 +38,7 @@ def load_rows(path: str | Path, default_source: str | None = None) -> list[Promp
     """Rows of one `.jsonl`, `.json` (a list of objects) or `.parquet` file."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"{path}: no such data file")
+        raise DataError(f"{path}: no such data file")
     source = default_source if default_source is not None else path.stem
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
@@ -45,9 +48,9 @@ def load_rows(path: str | Path, default_source: str | None = None) -> list[Promp
     elif suffix == ".parquet":
         records = _read_parquet(path)
     else:
-        raise ValueError(f"{path}: unsupported data file type {suffix!r} (use .jsonl, .json or .parquet)")
+        raise DataError(f"{path}: unsupported data file type {suffix!r} (use .jsonl, .json or .parquet)")
     if not records:
-        raise ValueError(f"{path}: no rows")
+        raise DataError(f"{path}: no rows")
     return [_to_row(rec, path, where, i, source) for i, (where, rec) in enumerate(records)]
 
 
@@ -55,7 +58,7 @@ def load_files(spec: str) -> list[PromptRow]:
     """Rows of several files given as a comma-separated list, in order."""
     paths = [p.strip() for p in spec.split(",") if p.strip()]
     if not paths:
-        raise ValueError(f"no data files in {spec!r}")
+        raise DataError(f"no data files in {spec!r}")
     rows: list[PromptRow] = []
     for p in paths:
         rows.extend(load_rows(p))
@@ -71,7 +74,7 @@ def _read_jsonl(path: Path) -> list[tuple[str, Any]]:
             try:
                 records.append((f"line {lineno}", json.loads(line)))
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path} line {lineno}: invalid JSON ({e})") from None
+                raise DataError(f"{path} line {lineno}: invalid JSON ({e})") from None
     return records
 
 
@@ -79,9 +82,9 @@ def _read_json_list(path: Path) -> list[tuple[str, Any]]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON ({e})") from None
+        raise DataError(f"{path}: invalid JSON ({e})") from None
     if not isinstance(data, list):
-        raise ValueError(f"{path}: a .json data file must hold a list of rows, got {type(data).__name__}")
+        raise DataError(f"{path}: a .json data file must hold a list of rows, got {type(data).__name__}")
     return [(f"row {i + 1}", rec) for i, rec in enumerate(data)]
 
 
@@ -89,14 +92,14 @@ def _read_parquet(path: Path) -> list[tuple[str, Any]]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise ImportError(f"reading {path} needs pyarrow: pip install pyarrow") from None
+        raise MissingExtraError(f"reading {path} needs pyarrow: pip install pyarrow") from None
     records = pq.read_table(path).to_pylist()
     return [(f"row {i + 1}", rec) for i, rec in enumerate(records)]
 
 
 def _to_row(rec: Any, path: Path, where: str, index: int, default_source: str) -> PromptRow:
-    def bad(msg: str) -> ValueError:
-        return ValueError(f"{path} {where}: {msg}")
+    def bad(msg: str) -> DataError:
+        return DataError(f"{path} {where}: {msg}")
 
     if not isinstance(rec, dict):
         raise bad(f"expected a JSON object, got {type(rec).__name__}")
@@ -162,9 +165,9 @@ def encode_prompt(row: PromptRow, tokenizer, max_prompt_tokens: int) -> list[int
         text = row.prompt if isinstance(row.prompt, str) else "\n".join(m["content"] for m in row.prompt)
         ids = list(tokenizer.encode(text, add_special_tokens=getattr(tokenizer, "bos_token", None) is not None))
     if not ids:
-        raise ValueError(f"{row.where()}: prompt encodes to no tokens")
+        raise DataError(f"{row.where()}: prompt encodes to no tokens")
     if len(ids) > max_prompt_tokens:
-        raise ValueError(
+        raise DataError(
             f"{row.where()}: prompt has {len(ids)} tokens, over max_prompt_tokens={max_prompt_tokens}"
         )
     return ids
@@ -195,7 +198,7 @@ class PromptStream:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if batch_size > len(rows):
-            raise ValueError(f"batch_size {batch_size} is larger than the data ({len(rows)} rows)")
+            raise DataError(f"batch_size {batch_size} is larger than the data ({len(rows)} rows)")
         self.rows = rows
         self.batch_size = batch_size
         self.seed = seed

@@ -10,7 +10,6 @@ gradient in both layouts.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Optional
 
 import numba
 import numpy as np
@@ -18,6 +17,9 @@ import torch
 
 from ibtpo_fast.forest import Forest
 from ibtpo_fast.tree_attention import TreeMask, ancestor_table
+
+LAYOUTS = ("tree", "flat")  # pack_trees: each unique token once; flatten: one row per trajectory
+PREFIX_WEIGHTINGS = ("none", "sqrt")  # sqrt: a token's loss over sqrt(leaves below its node), as TreeRL
 
 
 @dataclass
@@ -35,7 +37,7 @@ class TrainBatch:
     seq_share: torch.Tensor  # sum over those trajectories of 1 / response length
     prefix_w: torch.Tensor  # prefix weighting (1, or 1 / sqrt(leaves below the token's node))
     traj_of_row: torch.Tensor  # [R] trajectories each row stands for
-    tree: Optional[TreeMask] = None  # tree-packed rows: who may attend to whom
+    tree: TreeMask | None = None  # tree-packed rows: who may attend to whom
 
     @property
     def num_traj(self) -> int:
@@ -54,7 +56,7 @@ class TrainBatch:
     def targets(self) -> torch.Tensor:
         return self.input_ids[self.rows, self.cols]
 
-    def select(self, rows: np.ndarray) -> "TrainBatch":
+    def select(self, rows: np.ndarray) -> TrainBatch:
         """Rows `rows` only (a mini-batch), renumbered from 0 and cut to their width."""
         idx = torch.as_tensor(np.sort(rows), dtype=torch.long)
         keep = torch.isin(self.rows, idx)
@@ -69,6 +71,8 @@ class TrainBatch:
 
 
 def _prefix_weights(leaves: np.ndarray, nodes: np.ndarray, mode: str) -> np.ndarray:
+    if mode not in PREFIX_WEIGHTINGS:
+        raise ValueError(f"prefix_weighting must be one of {', '.join(PREFIX_WEIGHTINGS)}, got {mode!r}")
     return 1.0 / np.sqrt(leaves[nodes]) if mode == "sqrt" else np.ones(len(nodes))
 
 

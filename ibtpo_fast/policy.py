@@ -15,6 +15,7 @@ from ibtpo_fast.tree_attention import GATHER_ATTENTION, TREE_ATTENTION_BACKENDS
 # Attention implementations a model may be loaded with for tree-packed training: transformers routes
 # their layers through its attention interface (which `gather` hooks) and passes 4D masks through.
 TREE_PACKED_ATTENTION = ("sdpa", "eager", "flex_attention")
+MODEL_ATTENTION = TREE_PACKED_ATTENTION + ("flash_attention_2",)  # flash-attention models train on flat rows
 FLEX_MIN_HEAD_DIM = 32  # smaller heads fail to compile in FlexAttention on CUDA (torch 2.11: 8 refused, 16 in fp32)
 
 

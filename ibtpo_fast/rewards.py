@@ -19,12 +19,15 @@ import signal
 import sys
 import time
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
+
+from ibtpo_fast.errors import MissingExtraError, RewardFnError
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +48,7 @@ def load_reward_fn(spec: str) -> RewardFn:
     """The function named by `"package.module:function"` or `"path/to/file.py:function"`."""
     target, sep, name = spec.rpartition(":")
     if not sep or not target or not name:
-        raise ValueError(
+        raise RewardFnError(
             f"reward function {spec!r}: expected 'package.module:function' or 'path/to/file.py:function'"
         )
     if target.endswith(".py") or "/" in target or "\\" in target:
@@ -54,26 +57,26 @@ def load_reward_fn(spec: str) -> RewardFn:
         try:
             module = importlib.import_module(target)
         except Exception as e:
-            raise ValueError(f"reward function {spec!r}: cannot import module {target!r}: {e}") from e
+            raise RewardFnError(f"reward function {spec!r}: cannot import module {target!r}: {e}") from e
     fn = getattr(module, name, None)
     if fn is None:
-        raise ValueError(f"reward function {spec!r}: {target!r} has no function {name!r}")
+        raise RewardFnError(f"reward function {spec!r}: {target!r} has no function {name!r}")
     if not callable(fn):
-        raise ValueError(f"reward function {spec!r}: {name!r} is a {type(fn).__name__}, not a function")
+        raise RewardFnError(f"reward function {spec!r}: {name!r} is a {type(fn).__name__}, not a function")
     return fn
 
 
 def _load_file_module(path: Path, spec: str):
     path = path.expanduser().resolve()
     if not path.is_file():
-        raise ValueError(f"reward function {spec!r}: no such file {path}")
+        raise RewardFnError(f"reward function {spec!r}: no such file {path}")
     digest = hashlib.sha1(str(path).encode()).hexdigest()[:10]
     stem = re.sub(r"\W", "_", path.stem)
     name = f"_ibtpo_reward_{stem}_{digest}"
     try:
         module = _exec_file_module(name, str(path))
     except Exception as e:
-        raise ValueError(f"reward function {spec!r}: loading {path} failed: {e}") from e
+        raise RewardFnError(f"reward function {spec!r}: loading {path} failed: {e}") from e
     _FILE_MODULES[name] = str(path)
     return module
 
@@ -332,7 +335,7 @@ class RewardScorer:
 def default_math_reward() -> RewardFn:
     """`math_verify_score`, checked up front: a missing grader would otherwise score every item 0."""
     if importlib.util.find_spec("math_verify") is None:
-        raise ImportError("the default math grader needs math-verify: pip install 'ibtpo_fast[math]', "
+        raise MissingExtraError("the default math grader needs math-verify: pip install 'ibtpo_fast[math]', "
                           "or name a grader with data.reward_fn=module:function")
     return math_verify_score
 

@@ -15,10 +15,13 @@ from typing import Any
 
 from tqdm import tqdm
 
+from ibtpo_fast.errors import MissingExtraError
+
 SCORE = "critic/score/mean"
 ACC_PATTERN = "val-core/*/acc/mean@*"
 ENTROPY = "actor/entropy"
 TOKENS_PER_S = "perf/tokens_per_s"
+PROGRESS_MODES = ("auto", "on", "off")  # auto: a bar when stderr is a terminal
 
 
 def read_metrics(metrics_jsonl: Path) -> list[dict]:
@@ -72,8 +75,8 @@ class RunLogger:
         config: dict | None = None,
         start_step: int = 0,
     ):
-        if progress not in ("auto", "on", "off"):
-            raise ValueError(f"progress must be 'auto', 'on' or 'off', got {progress!r}")
+        if progress not in PROGRESS_MODES:
+            raise ValueError(f"progress must be one of {', '.join(PROGRESS_MODES)}, got {progress!r}")
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / "metrics.jsonl"
@@ -97,14 +100,14 @@ class RunLogger:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise ImportError("tensorboard logging needs the tensorboard package: pip install tensorboard") from None
+            raise MissingExtraError("tensorboard logging needs the tensorboard package: pip install tensorboard") from None
         return SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
 
     def _open_wandb(self, config: dict | None):
         try:
             import wandb
         except ImportError:
-            raise ImportError("wandb logging needs the wandb package: pip install wandb") from None
+            raise MissingExtraError("wandb logging needs the wandb package: pip install wandb") from None
         # project and entity come from WANDB_PROJECT / WANDB_ENTITY when set
         return wandb.init(name=self.run_dir.name, dir=str(self.run_dir), config=config)
 

@@ -1,4 +1,4 @@
-"""IBTree sampling (ALGORITHM.md section 3): grow one tree per prompt, round by round.
+"""IBTree sampling (docs/algorithm.md section 3): grow one tree per prompt, round by round.
 
 Round 1 samples B0 complete responses per prompt; each later round walks the forest, picks the
 top-K nodes per tree by the strategy's score, and samples B continuations from each. Every round
@@ -8,8 +8,9 @@ round's scoring. Shared prefixes are never regenerated; the engine's prefix cach
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -20,8 +21,9 @@ from ibtpo_fast.walk import walk
 
 STRATEGIES = ("ib", "independent", "random", "entropy")
 
-# reward_fn(tree_indices, response_token_ids) -> one reward per response
-RewardFn = Callable[[Sequence[int], Sequence[np.ndarray]], Sequence[float]]
+# reward_fn(rows, response_token_ids) -> one reward per response, where rows[i] is what the caller passed
+# to `sample` for response i's tree (its tree index when the caller passed nothing)
+RewardFn = Callable[[Sequence[Any], Sequence[np.ndarray]], Sequence[float]]
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,7 @@ class TreeSpec:
                 raise ValueError(f"tree spec {name} must be >= 1, got {getattr(self, name)} (spec {self})")
 
     @classmethod
-    def parse(cls, spec: str | Sequence[int] | "TreeSpec") -> "TreeSpec":
+    def parse(cls, spec: str | Sequence[int] | TreeSpec) -> TreeSpec:
         if isinstance(spec, TreeSpec):
             return spec
         parts = [int(x) for x in spec.split(",")] if isinstance(spec, str) else [int(x) for x in spec]
@@ -50,6 +52,16 @@ class TreeSpec:
     @property
     def trajectories(self) -> int:
         return self.B0 + (self.L - 1) * self.K * self.B
+
+
+def check_tree(strategy: str, tree: str | Sequence[int] | TreeSpec) -> TreeSpec:
+    """The parsed tree spec, if `strategy` can grow it; ValueError otherwise."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    spec = TreeSpec.parse(tree)
+    if strategy == "independent" and spec.L != 1:
+        raise ValueError(f"strategy 'independent' samples B0 responses in one round: tree spec needs L = 1, got {spec}")
+    return spec
 
 
 @dataclass
@@ -68,11 +80,7 @@ class SamplerConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        self.tree = TreeSpec.parse(self.tree)
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
-        if self.strategy == "independent" and self.tree.L != 1:
-            raise ValueError(f"strategy 'independent' samples B0 responses in one round: tree spec needs L = 1, got {self.tree}")
+        self.tree = check_tree(self.strategy, self.tree)
         if self.max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be > 0, got {self.max_new_tokens}")
         if self.token_budget is not None and self.token_budget <= 0:
@@ -107,9 +115,14 @@ class IBTreeSampler:
         self._rng.bit_generator.state = state["rng"]
         self._requests_made = state["requests_made"]
 
-    def sample(self, prompts: Sequence[Sequence[int]]) -> Rollout:
+    def sample(self, prompts: Sequence[Sequence[int]], rows: Sequence[Any] | None = None) -> Rollout:
+        """One tree per prompt. `rows` (one per prompt: data source, ground truth, ...) reach the reward
+        function with each response, so nothing outside this call decides which row a response grades against."""
         if len(prompts) == 0:
             raise ValueError("prompts is empty")
+        rows = range(len(prompts)) if rows is None else rows
+        if len(rows) != len(prompts):
+            raise ValueError(f"got {len(rows)} rows for {len(prompts)} prompts")
         for i, p in enumerate(prompts):
             if len(p) == 0:
                 raise ValueError(f"prompt {i} is empty")
@@ -117,7 +130,8 @@ class IBTreeSampler:
         roots = [forest.add_tree(p) for p in prompts]
         generated = np.zeros(len(prompts), np.int64)
         finish: dict[int, str] = {}
-        timing = {"rollout": 0.0, "reward": 0.0, "walk": 0.0}
+        timing = {"reward": 0.0, "walk": 0.0}
+        start = time.perf_counter()
         prefix_total = cached_total = 0
         branches = [_Branch(t, r, 0) for t, r in enumerate(roots) for _ in range(cfg.tree.B0)]
         for round_idx in range(cfg.tree.L):
@@ -127,16 +141,17 @@ class IBTreeSampler:
                 timing["walk"] += time.perf_counter() - t0
             if not branches:
                 break
-            t0 = time.perf_counter()
             requests = [self._request(forest, b) for b in branches]
             completions = self.engine.generate(requests)
-            timing["rollout"] += time.perf_counter() - t0
             prefix_total += sum(len(r.prefix_ids) for r in requests)
             cached_total += sum(c.cached_tokens for c in completions)
-            t0 = time.perf_counter()
             leaves = [self._attach(forest, b, c, generated, finish) for b, c in zip(branches, completions)]
-            self._score(forest, leaves, finish)
+            t0 = time.perf_counter()
+            self._score(forest, leaves, finish, rows)
             timing["reward"] += time.perf_counter() - t0
+        # rollout: everything but rewards and branch scoring (engine calls, requests, attaching steps),
+        # so the three parts sum to the call's wall time
+        timing["rollout"] = time.perf_counter() - start - timing["reward"] - timing["walk"]
         metrics = self._metrics(forest, generated, prefix_total, cached_total, timing, finish)
         return Rollout(forest, generated, metrics, finish)
 
@@ -165,7 +180,7 @@ class IBTreeSampler:
         finish[nodes[-1]] = c.finish_reason
         return nodes[-1]
 
-    def _score(self, forest: Forest, leaves: list[int], finish: dict) -> None:
+    def _score(self, forest: Forest, leaves: list[int], finish: dict, rows: Sequence[Any]) -> None:
         """Reward new leaves; truncated responses score 0 without calling the reward function."""
         done = [v for v in leaves if finish[v] != "length"]
         for v in leaves:
@@ -174,7 +189,7 @@ class IBTreeSampler:
         if not done:
             return
         responses = [forest.prefix_tokens(v)[forest.num_tokens[forest.roots[forest.tree[v]]]:] for v in done]
-        rewards = self.reward_fn([int(forest.tree[v]) for v in done], responses)
+        rewards = self.reward_fn([rows[int(forest.tree[v])] for v in done], responses)
         if len(rewards) != len(done):
             raise ValueError(f"reward_fn returned {len(rewards)} rewards for {len(done)} responses")
         for v, r in zip(done, rewards):

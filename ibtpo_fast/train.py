@@ -5,9 +5,10 @@ With no arguments: IB-TPO on the bundled tiny model and arithmetic task, on the 
 from __future__ import annotations
 
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
-from ibtpo_fast.config import ConfigError, load_config
+from ibtpo_fast.config import load_config
+from ibtpo_fast.errors import user_errors_end_cleanly
 
 
 def summary_table(result: dict) -> str:
@@ -27,15 +28,13 @@ def summary_table(result: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
+    """Bad input (config, data files, reward function, a missing package) ends with one line and exit code 2."""
+    with user_errors_end_cleanly():
         cfg = load_config(sys.argv[1:] if argv is None else argv)
         from ibtpo_fast.trainer import Trainer  # heavy imports after the config is known to be good
 
         trainer = Trainer(cfg)  # checks what only the loaded model can tell (its attention, its device)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    result = trainer.train()
+        result = trainer.train()
     print(summary_table(result))
     return 0
 

@@ -5,9 +5,13 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+# The grader sleeps 50 ms an item (8 items a step, scored inline), so that on any machine a step lasts
+# well past the moment the test kills the run inside it.
+SLOW = f"{Path(__file__).resolve().parent / 'reward_fns.py'}:slow_arithmetic"
 ARGS = ["data.batch_size=2", "data.val_size=4", "train.eval_k=2", "rollout.tree=2,3,1,1", "run.progress=off",
-        "train.steps=4", "run.save_every=2", "run.name=r"]
+        "train.steps=4", "run.save_every=2", "run.name=r", f"data.reward_fn={SLOW}", "data.reward_workers=0"]
 
 
 def launch(out_dir):

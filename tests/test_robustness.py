@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ibtpo_fast import update
 from ibtpo_fast.checkpoint import find_latest
 from ibtpo_fast.config import load_config
 from ibtpo_fast.trainer import Trainer
@@ -17,23 +18,23 @@ def make(tmp_path, *args):
     return Trainer(load_config([*FAST, f"run.out_dir={tmp_path}", *args]))
 
 
-def poison(tr):
+def poison(monkeypatch):
     """Make every loss NaN from now on, as a diverged model would."""
-    real = tr._loss
+    real = update.minibatch_loss
 
-    def nan_loss(mb, ref):
-        loss, stats = real(mb, ref)
+    def nan_loss(*args, **kw):
+        loss, stats = real(*args, **kw)
         return loss * float("nan"), stats
 
-    tr._loss = nan_loss
+    monkeypatch.setattr(update, "minibatch_loss", nan_loss)
 
 
-def test_nan_steps_skip_then_abort_with_checkpoint_intact(tmp_path):
+def test_nan_steps_skip_then_abort_with_checkpoint_intact(tmp_path, monkeypatch):
     tr = make(tmp_path, "train.max_bad_steps=2")
     tr.step()
     good = tr.save()
     params = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
-    poison(tr)
+    poison(monkeypatch)
     with pytest.warns(RuntimeWarning, match="non-finite loss or gradient, update skipped"):
         m = tr.step()
     assert m["train/bad_steps"] == 1

@@ -1,4 +1,6 @@
 """IBTree sampling on the bundled tiny model through the real TorchEngine."""
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -161,3 +163,40 @@ def test_bad_prompts(tiny):
     too_long = [5] * (tiny[0].config.max_position_embeddings + 1)
     with pytest.raises(ValueError, match="context|max_position"):
         sampler.sample([too_long])
+
+
+def test_each_response_is_graded_against_its_own_trees_row(tiny):
+    """The rows passed to `sample` reach the reward function with each response: two samplers sharing
+    one engine, each sampling its own batch, never see the other's rows."""
+    model, tok = tiny
+    engine = TorchEngine(model, tokenizer=tok)
+    problems = make_split("train", 4)
+    seen: list[tuple[str, int]] = []
+
+    def reward_fn(rows, responses):
+        seen.extend((row["batch"], row["tree"]) for row in rows)
+        return [float(row["tree"] == 1) for row in rows]
+
+    cfg = SamplerConfig(max_new_tokens=64, sampling=SamplingParams(temperature=1.0), stop_token_ids=(tok.eos_token_id,),
+                        step_delimiter=STEP_DELIMITER, tree=TreeSpec(2, 3, 1, 1))
+    a, b = IBTreeSampler(engine, tok, reward_fn, cfg), IBTreeSampler(engine, tok, reward_fn, cfg)
+    rows_b = [{"batch": "b", "tree": t} for t in range(2)]
+    out_a = a.sample(prompts_of(tok, problems[:2]), [{"batch": "a", "tree": t} for t in range(2)])
+    out_b = b.sample(prompts_of(tok, problems[2:]), rows_b)
+    assert {s for s, _ in seen} == {"a", "b"}
+    for out in (out_a, out_b):
+        f = out.forest
+        done = [v for v in np.flatnonzero(f.is_leaf) if out.finish_reason[v] != "length"]
+        assert done and all(f.reward[v] == float(f.tree[v] == 1) for v in done)
+    with pytest.raises(ValueError, match="1 rows for 2 prompts"):
+        b.sample(prompts_of(tok, problems[2:]), rows_b[:1])
+
+
+def test_timing_parts_sum_to_the_call(tiny):
+    sampler, _, _ = make_sampler(tiny, make_split("train", 2), tree=TreeSpec(2, 3, 1, 1))
+    t0 = time.perf_counter()
+    m = sampler.sample(prompts_of(tiny[1], make_split("train", 2))).metrics
+    wall = time.perf_counter() - t0
+    parts = m["timing/rollout"] + m["timing/reward"] + m["timing/walk"]
+    assert min(m["timing/rollout"], m["timing/reward"], m["timing/walk"]) > 0
+    assert parts == pytest.approx(wall, rel=0.05)

@@ -1,7 +1,10 @@
 """The trainer on the bundled tiny model: the update's direction, presets, the default CLI run."""
+import copy
 import json
 import subprocess
 import sys
+import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,7 +14,9 @@ from transformers import AutoModelForCausalLM
 from ibtpo_fast import walk
 from ibtpo_fast.config import PRESETS, ConfigError, load_config
 from ibtpo_fast.policy import token_logprobs
+from ibtpo_fast.runlog import RunLogger
 from ibtpo_fast.trainer import Trainer
+from ibtpo_fast.update import SKIPPED, ppo_update
 
 FAST = ["data.batch_size=2", "data.val_size=4", "train.eval_k=2", "rollout.tree=2,3,1,1", "run.progress=off"]
 
@@ -22,10 +27,8 @@ def trainer(tmp_path, *args):
 
 def test_update_moves_logprobs_along_the_advantage(tmp_path):
     tr = trainer(tmp_path, "train.lr=1e-5", "algo.kl_coef=0", "train.warmup_steps=0", "data.batch_size=4")
-    tr._batch_rows = tr.task.train[:4]
     for attempt in range(5):  # a batch where some step has a non-zero advantage
-        rollout = tr.sampler.sample(tr.train_prompts[4 * attempt : 4 * attempt + 4])
-        tr._batch_rows = tr.task.train[4 * attempt : 4 * attempt + 4]
+        rollout = tr.rollout(range(4 * attempt, 4 * attempt + 4))
         w = walk(rollout.forest, lam=0.1)
         batch = tr.pack(rollout.forest, w)
         if (batch.advantages.abs() > 1e-3).any():
@@ -66,7 +69,8 @@ def test_default_cli_run_writes_metrics_plots_and_checkpoint(tmp_path):
              "response_length/clip_ratio",
              "ib/score_mean", "ib/cov_eta", "tree/eff_rate", "tree/trajectories", "tree/generated_tokens",
              "tree/trajectories_per_1k_tokens", "tree/unique_token_ratio", "rollout/prefix_cache_hit_rate",
-             "timing/rollout", "timing/reward", "timing/walk", "timing/update", "timing/sync"}
+             "timing/rollout", "timing/reward", "timing/walk", "timing/pack", "timing/update", "timing/sync",
+             "timing/step"}
     assert names <= set(lines[1]), names - set(lines[1])
     assert "val-core/arithmetic/acc/mean@2" in lines[0] and "val-core/arithmetic/acc/pass@2" in lines[2]
     for png in ("accuracy.png", "entropy.png", "ib_score.png", "eff_rate.png", "tokens.png"):
@@ -81,8 +85,7 @@ def test_layouts_make_the_same_update(tmp_path, layout, attention):
     and flattened trajectories see the same loss, gradient norm, entropy and KL."""
     def update(*args):
         tr = trainer(tmp_path / "_".join(args), "data.batch_size=4", *args)
-        tr._batch_rows = tr.task.train[:4]  # whom the sampler's reward calls grade
-        rollout = tr.sampler.sample(tr.train_prompts[:4])
+        rollout = tr.rollout(range(4))
         return tr, tr.update(tr.pack(rollout.forest, walk(rollout.forest)))
 
     tr, default = update()
@@ -121,3 +124,50 @@ def test_same_seed_same_weights(tmp_path):
         weights.append([p.detach().clone() for p in tr.model.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*weights))
     assert not torch.are_deterministic_algorithms_enabled()  # the update's setting does not leak out
+
+
+def test_step_timings_sum_to_its_wall_time(tmp_path):
+    tr = trainer(tmp_path, "train.steps=2")
+    tr.step()  # the first step pays one-off costs outside the timed parts as well
+    t0 = time.perf_counter()
+    m = tr.step()
+    wall = time.perf_counter() - t0
+    parts = {k: v for k, v in m.items() if k.startswith("timing/") and k != "timing/step"}
+    assert set(parts) == {f"timing/{k}" for k in ("rollout", "reward", "walk", "pack", "update", "sync")}
+    assert all(v >= 0 for v in parts.values())
+    assert m["timing/step"] == pytest.approx(wall, rel=0.05)
+    assert sum(parts.values()) == pytest.approx(m["timing/step"], rel=0.05)
+
+
+def test_update_runs_without_the_trainer(tmp_path):
+    """`ppo_update` on a model, an optimizer and a batch gives the trainer's own update, bit for bit."""
+    tr = trainer(tmp_path, "data.batch_size=4", "train.warmup_steps=0")
+    rollout = tr.rollout(range(4))
+    batch = tr.pack(rollout.forest, walk(rollout.forest))
+    model = copy.deepcopy(tr.model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tr.cfg.train.lr, weight_decay=tr.cfg.train.weight_decay)
+    state = np.random.get_state()
+    ours = ppo_update(model, optimizer, batch, tr.update_settings, tr.ref_model)
+    np.random.set_state(state)
+    theirs = tr.update(batch)
+    assert ours[SKIPPED] == 0 and theirs["train/bad_steps"] == 0
+    for key in ("actor/pg_loss", "actor/grad_norm", "actor/kl", "actor/entropy"):
+        assert ours[key] == theirs[key], key
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), tr.model.parameters()))
+    with pytest.raises(ValueError, match="reference model"):
+        ppo_update(model, optimizer, batch, tr.update_settings, None)
+
+
+def test_wandb_run_records_the_config(tmp_path, monkeypatch):
+    """wandb itself is not installed here: the run handle RunLogger opens is replaced by a recorder."""
+    seen = {}
+
+    def open_wandb(self, config):
+        seen["config"] = config
+        return SimpleNamespace(log=lambda metrics, step: seen.setdefault("steps", []).append(step), finish=lambda: None)
+
+    monkeypatch.setattr(RunLogger, "_open_wandb", open_wandb)
+    tr = trainer(tmp_path, "run.wandb=true", "train.steps=0", "algo.beta=3")
+    tr.train()
+    assert seen["config"]["algo"]["beta"] == 3.0 and seen["config"]["rollout"]["tree"] == "2,3,1,1"
+    assert seen["steps"] == [0]

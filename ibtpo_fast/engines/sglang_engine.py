@@ -8,13 +8,15 @@ SGLANG_RETURN_ORIGINAL_LOGPROB unset).
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping, Sequence, Tuple, Union
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from ibtpo_fast.engines.protocol import Completion, Request
+from ibtpo_fast.errors import MissingExtraError
 
-NamedTensors = Union[Mapping[str, Any], Iterable[Tuple[str, Any]]]
+NamedTensors = Mapping[str, Any] | Iterable[tuple[str, Any]]
 _INSTALL_HINT = "SGLangEngine needs SGLang: pip install ibtpo_fast[sglang] (on a CUDA machine)"
 
 
@@ -25,7 +27,7 @@ class SGLangEngine:
         try:
             import sglang
         except ImportError as error:
-            raise ImportError(_INSTALL_HINT) from error
+            raise MissingExtraError(_INSTALL_HINT) from error
         self.engine = sglang.Engine(model_path=model_path, **engine_kwargs)
         self.weight_bucket_bytes = weight_bucket_bytes
 

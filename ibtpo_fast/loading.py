@@ -1,0 +1,94 @@
+"""What a run loads before it samples: the policy and its tokenizer, the task's rows and its grader.
+
+Training and `python -m ibtpo_fast.evaluate` both load through here, so they agree on the model's
+stop tokens, on which grader a task uses and on how many processes score rewards.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ibtpo_fast.data import PromptRow, load_files
+from ibtpo_fast.errors import CheckpointError
+from ibtpo_fast.rewards import RewardFn, RewardScorer, default_math_reward, load_reward_fn
+
+TASKS = ("arithmetic", "file")  # the bundled task, or jsonl / parquet files
+DTYPES = ("float32", "bfloat16", "float16")
+BUNDLED_TRAIN_ROWS = 4096
+
+
+@dataclass
+class Task:
+    train: list[PromptRow]
+    val: list[PromptRow]
+    reward_fn: RewardFn
+    # Worker processes scoring rewards; 0 scores inline. The bundled grader is trusted and cheap; any
+    # other (a user's function, the math grader) runs in processes with a per-item timeout.
+    reward_workers: int
+
+    def scorer(self, timeout_s: float) -> RewardScorer:
+        return RewardScorer(self.reward_fn, timeout_s=timeout_s, workers=self.reward_workers)
+
+
+def load_task(task: str, *, train_files: str = "", val_files: str = "", val_size: int, reward_fn: str = "",
+              reward_workers: int = 2) -> Task:
+    """The rows and the grader of `task`: the bundled arithmetic task, or jsonl / parquet files (`file`).
+    `reward_fn` ("module:function" or "file.py:function") replaces the task's grader."""
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+    if task == "arithmetic":
+        from ibtpo_fast.tasks import compute_score, prompt_rows
+
+        train, val, bundled = prompt_rows("train", BUNDLED_TRAIN_ROWS), prompt_rows("test", val_size), compute_score
+    else:
+        train = load_files(train_files) if train_files else []
+        val = load_files(val_files)[:val_size] if val_files else []
+        bundled = None
+    if reward_fn:
+        return Task(train, val, load_reward_fn(reward_fn), reward_workers)
+    if bundled is not None:
+        return Task(train, val, bundled, 0)
+    return Task(train, val, default_math_reward(), reward_workers)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def model_dir(path: str) -> Path:
+    """The checkpoint directory `path`; empty: the bundled tiny model."""
+    if path:
+        return Path(path)
+    from ibtpo_fast.tasks import tiny_model_path
+
+    return tiny_model_path()
+
+
+def load_policy(path: str, device: torch.device, dtype: str = "float32",
+                attn_implementation: str = "sdpa") -> tuple[torch.nn.Module, Any]:
+    """A causal LM and its tokenizer from a Hugging Face checkpoint directory (empty: the bundled tiny model)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    where = model_dir(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=getattr(torch, dtype),
+                                                     attn_implementation=attn_implementation)
+        tokenizer = AutoTokenizer.from_pretrained(where)
+    except OSError as e:  # no such directory, or one without weights, config or tokenizer
+        raise CheckpointError(f"cannot load a model and tokenizer from {str(where)!r}: {e}") from e
+    return model.to(device), tokenizer
+
+
+def stop_token_ids(model: torch.nn.Module, tokenizer: Any) -> tuple[int, ...]:
+    """The tokenizer's EOS and every EOS of the model's generation config (chat models end turns on their own)."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is not None:
+        ids |= set(eos if isinstance(eos, list) else [eos])
+    return tuple(sorted(ids))
