@@ -5,8 +5,9 @@ decode through SDPA (explicit padded masks) and train through a tree-aware atten
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 
 @contextmanager

@@ -6,8 +6,8 @@ with its rollout log-probs. Arrays grow by doubling; the public properties are v
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -43,7 +43,7 @@ class _View:
     def __set_name__(self, owner: type, name: str) -> None:
         self.name = name
 
-    def __get__(self, obj: "Forest", owner: type | None = None) -> np.ndarray:
+    def __get__(self, obj: Forest, owner: type | None = None) -> np.ndarray:
         if self.name in _NODE_FIELDS:
             return obj._nodes[self.name][: obj._n]
         return obj._toks[self.name][: obj._num_tokens_used]
@@ -201,7 +201,7 @@ class Forest:
         reward: np.ndarray,
         tokens: np.ndarray | None = None,
         tree: np.ndarray | None = None,
-    ) -> "Forest":
+    ) -> Forest:
         """A forest from per-node arrays (for trees built elsewhere), topologically ordered.
 
         `tree` defaults to contiguous trees (each root followed by its own nodes); `tokens` (flat,

@@ -6,7 +6,7 @@ through it) share one loss function and give the same loss.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

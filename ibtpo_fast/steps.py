@@ -7,9 +7,10 @@ one dictionary look-up per token after warm-up.
 from __future__ import annotations
 
 import weakref
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
-_piece_cache: "weakref.WeakKeyDictionary[Any, dict[int, str]]" = weakref.WeakKeyDictionary()
+_piece_cache: weakref.WeakKeyDictionary[Any, dict[int, str]] = weakref.WeakKeyDictionary()
 
 
 def _pieces(tokenizer: Any) -> dict[int, str]:

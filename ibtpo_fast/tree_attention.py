@@ -52,7 +52,7 @@ class Chains:
     q_valid: torch.Tensor  # [C, Lq] bool
     calls: int = 0  # attention layers that ran on these chains
 
-    def to(self, device: torch.device) -> "Chains":
+    def to(self, device: torch.device) -> Chains:
         return Chains(self.q_index.to(device), self.k_index.to(device), self.mask.to(device), self.q_valid.to(device))
 
 
@@ -108,7 +108,7 @@ class TreeMask:
     up: torch.Tensor  # [N, max depth + 1] ancestor table, see `ancestor_table`
     depth: torch.Tensor  # [N]
 
-    def select(self, rows: torch.Tensor, width: int) -> "TreeMask":
+    def select(self, rows: torch.Tensor, width: int) -> TreeMask:
         return TreeMask(self.node_at[rows, :width], self.up, self.depth)
 
     def allowed(self, b: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,6 @@
 """Segment reductions: per-node sums of per-token values given a token -> node index."""
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 

@@ -3,8 +3,8 @@ import random
 
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 from tokenizers import Tokenizer, models
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from ibtpo_fast.checkpoint import find_latest, list_checkpoints, load_state, save_checkpoint, set_rng_state
 

@@ -1,8 +1,8 @@
 """Forest building, views, trajectories and from_arrays."""
 import numpy as np
+from forests import random_forest
 
 from ibtpo_fast import Forest, walk
-from forests import random_forest
 
 
 def test_trajectories_follow_paths():

@@ -4,7 +4,6 @@ from hypothesis import strategies as st
 
 from ibtpo_fast.engines.radix_cache import RadixCache
 
-
 SEQUENCES = st.lists(st.lists(st.integers(0, 3), min_size=1, max_size=8), min_size=1, max_size=12)
 
 

@@ -5,7 +5,7 @@ import pytest
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from ibtpo_fast import split_steps, step_lengths
+from ibtpo_fast import split_steps
 
 CORPUS = [
     "First, add the numbers.\n\nThen multiply.\n\nSo the answer is 42.",

@@ -10,8 +10,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from ibtpo_fast.engines import Completion, Engine, Request, SamplingParams, TorchEngine
-from ibtpo_fast.engines import batch_kv, torch_engine
+from ibtpo_fast.engines import Completion, Engine, Request, SamplingParams, TorchEngine, batch_kv, torch_engine
 from ibtpo_fast.engines.token_sampler import TokenSampler
 from ibtpo_fast.smollm import load_smollm2, smollm2_dir
 

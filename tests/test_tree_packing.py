@@ -4,15 +4,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
-                          Qwen3ForCausalLM)
+from forests import random_forest
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from ibtpo_fast import Forest, walk
 from ibtpo_fast.losses import ppo_clip_loss, token_coefficients
 from ibtpo_fast.packing import flatten, pack_trees
 from ibtpo_fast.policy import resolve_tree_attention, supports_tree_packing, token_logprobs
 from ibtpo_fast.tree_attention import gather_attention_forward
-from forests import random_forest
 
 VOCAB = 100
 MODELS = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM),

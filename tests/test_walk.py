@@ -3,12 +3,12 @@ import math
 
 import numpy as np
 import pytest
+from forests import random_forest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from oracle import oracle_walk
 
 from ibtpo_fast import Forest, walk
-from oracle import oracle_walk
-from forests import random_forest
 
 FIELDS = ["leaves", "correct", "p", "step_prob", "ib_score", "cov_eta", "adv_global", "adv_ib",
           "advantage", "num_children", "tree_mean", "tree_std", "effective"]

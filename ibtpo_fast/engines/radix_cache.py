@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
 
 class _Node:
-    __slots__ = ("tokens", "kv", "parent", "children", "last_used", "lock_ref")
+    __slots__ = ("children", "kv", "last_used", "lock_ref", "parent", "tokens")
 
     def __init__(self, tokens: list[int], kv: torch.Tensor | None, parent: _Node | None) -> None:
         self.tokens = tokens  # the edge label: tokens this node adds to its parent's prefix

@@ -12,10 +12,12 @@ of the same tree reuse the response too, and it leaves the batch.
 from __future__ import annotations
 
 import inspect
+import itertools
 import random
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -401,7 +403,7 @@ def _shared_prefixes(prefixes: list[list[int]]) -> list[list[int]]:
     prefixes of neighbours in sorted order, which are the branch points of the prefixes' trie."""
     ordered = sorted(prefixes)
     shared: dict[tuple[int, ...], list[int]] = {}
-    for a, b in zip(ordered, ordered[1:]):
+    for a, b in itertools.pairwise(ordered):
         n = min(common_prefix_length(a, b), len(a) - 1, len(b) - 1)
         if n >= _MIN_SHARED_TOKENS:
             shared.setdefault(tuple(a[:n]), a[:n])

@@ -4,7 +4,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from ibtpo_fast.data import PromptRow
-
 from ibtpo_fast.tasks.arithmetic import (
     DATA_SOURCE,
     STEP_DELIMITER,

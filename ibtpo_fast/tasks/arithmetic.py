@@ -23,8 +23,9 @@ from __future__ import annotations
 import random
 import re
 import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 DATA_SOURCE = "arithmetic"
 STEP_DELIMITER = "\n"
