@@ -2,12 +2,16 @@
 
 A checkpoint is written into a temporary sibling directory and renamed into place once every
 file is on disk, then `latest` is replaced atomically; so a crash mid-write leaves only a
-temporary directory that `find_latest` never returns. The policy is saved in Hugging Face format,
-loadable with `AutoModelForCausalLM.from_pretrained`.
+temporary directory that `find_latest` never returns, and a write that fails (no space left, no
+permission) removes what it wrote and raises CheckpointError, the previous checkpoint and `latest`
+untouched. The policy is saved in Hugging Face format, loadable with
+`AutoModelForCausalLM.from_pretrained`; the trainer state holds only tensors and plain Python
+values, so it loads with `torch.load(weights_only=True)`, which cannot run code.
 """
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -15,14 +19,19 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
+
+from ibtpo_fast.errors import CheckpointError
 
 PREFIX = "global_step_"
 STATE_FILE = "trainer_state.pt"  # written last: its presence marks a complete checkpoint
 REQUIRED = ("config.json", "model.safetensors", STATE_FILE)
+# What a failed write raises: OSError from Python and torch, SafetensorError from the model's weights.
+_WRITE_ERRORS = (OSError, SafetensorError)
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    state = {"python": random.getstate(), "numpy": _numpy_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -30,10 +39,17 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], np.array(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _numpy_state() -> dict[str, Any]:
+    # plain values, not the ndarray np.random.get_state() holds: weights_only loads them without numpy globals
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"name": name, "keys": keys.tolist(), "pos": pos, "has_gauss": has_gauss, "gauss": gauss}
 
 
 def _fsync_dir(path: Path) -> None:
@@ -48,25 +64,49 @@ def save_checkpoint(
     ckpt_root: Path, step: int, model: torch.nn.Module, tokenizer: Any, state: dict[str, Any],
     config_yaml: str, keep_last: int,
 ) -> Path:
-    """Write global_step_{step} atomically, point `latest` at it, keep the newest `keep_last`."""
-    ckpt_root.mkdir(parents=True, exist_ok=True)
+    """Write global_step_{step} atomically, point `latest` at it, keep the newest `keep_last`.
+
+    A write that fails leaves the previous checkpoints and `latest` as they were, removes its own
+    files and raises CheckpointError naming the checkpoint."""
     final = ckpt_root / f"{PREFIX}{step}"
     tmp = ckpt_root / f".tmp-{PREFIX}{step}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        _write(tmp, model, tokenizer, {**state, "global_step": step, "rng": rng_state()}, config_yaml)
+        _publish(tmp, final)
+    except _WRITE_ERRORS as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"cannot write checkpoint {final}: {e}") from e
+    _prune(ckpt_root, keep_last)
+    return final
+
+
+def _write(tmp: Path, model: torch.nn.Module, tokenizer: Any, state: dict[str, Any], config_yaml: str) -> None:
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     (tmp / "config.yaml").write_text(config_yaml)
-    torch.save({**state, "global_step": step, "rng": rng_state()}, tmp / STATE_FILE)
+    torch.save(state, tmp / STATE_FILE)
     _fsync_dir(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    pointer = ckpt_root / ".latest.tmp"
-    pointer.write_text(final.name)
-    os.replace(pointer, ckpt_root / "latest")
-    _fsync_dir(ckpt_root)
-    _prune(ckpt_root, keep_last)
-    return final
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename `tmp` to `final` and point `latest` at it; if that fails, `final` is gone and `latest` unchanged."""
+    root = final.parent
+    pointer = root / ".latest.tmp"
+    try:
+        pointer.write_text(final.name)  # before the rename: a full disk fails here, with nothing published
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        try:
+            os.replace(pointer, root / "latest")
+        except OSError:
+            shutil.rmtree(final, ignore_errors=True)  # renamed but never pointed at: take it back
+            raise
+    finally:
+        pointer.unlink(missing_ok=True)
+    _fsync_dir(root)
 
 
 def is_complete(path: Path) -> bool:
@@ -100,7 +140,15 @@ def find_latest(ckpt_root: Path) -> Path | None:
 
 
 def load_state(path: Path) -> dict[str, Any]:
-    return torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+    """The trainer state of checkpoint `path`. Loaded with weights_only, so a file holding anything but
+    tensors and plain Python values (one crafted to run code when unpickled) is refused, not run."""
+    file = path / STATE_FILE
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = [ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln]
+        raise CheckpointError(f"refusing to load {file}: it holds more than tensors and plain Python values, "
+                              f"so loading it could run code ({found[0] if found else e})") from e
 
 
 def _prune(ckpt_root: Path, keep_last: int) -> None:

@@ -25,6 +25,7 @@ class ModelConfig:
     dtype: str = "float32"
     device: str = "auto"  # auto: cuda when available
     attn_implementation: str = "sdpa"  # sdpa | eager | flex_attention | flash_attention_2; decoding uses sdpa
+    trust_remote_code: bool = False  # run the Python code a model directory ships (auto_map): only for ones you trust
 
 
 @dataclass

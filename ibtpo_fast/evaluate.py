@@ -34,6 +34,8 @@ def _args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--reward-timeout-s", type=float, default=10.0)
     ap.add_argument("--dtype", default="float32", choices=DTYPES)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--trust-remote-code", action="store_true",
+                    help="run the Python code the model directory ships (only for ones you trust)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if args.k < 1 or args.n < 1:
@@ -45,7 +47,8 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     bundled = args.data == "arithmetic"
     task = load_task("arithmetic" if bundled else "file", val_files="" if bundled else args.data, val_size=args.n,
                      reward_fn=args.reward_fn, reward_workers=args.reward_workers)
-    model, tok = load_policy(args.model, resolve_device(args.device), args.dtype)
+    model, tok = load_policy(args.model, resolve_device(args.device), args.dtype,
+                             trust_remote_code=args.trust_remote_code)
     prompts = [encode_prompt(r, tok, args.max_prompt_tokens) for r in task.val]
     with task.scorer(args.reward_timeout_s) as scorer:
         return evaluate(TorchEngine(model, tokenizer=tok), tok, prompts, task.val, scorer, k=args.k,

@@ -70,16 +70,18 @@ def model_dir(path: str) -> Path:
     return tiny_model_path()
 
 
-def load_policy(path: str, device: torch.device, dtype: str = "float32",
-                attn_implementation: str = "sdpa") -> tuple[torch.nn.Module, Any]:
-    """A causal LM and its tokenizer from a Hugging Face checkpoint directory (empty: the bundled tiny model)."""
+def load_policy(path: str, device: torch.device, dtype: str = "float32", attn_implementation: str = "sdpa",
+                trust_remote_code: bool = False) -> tuple[torch.nn.Module, Any]:
+    """A causal LM and its tokenizer from a Hugging Face checkpoint directory (empty: the bundled tiny model).
+    `trust_remote_code` lets the directory's own Python code run; off, only transformers' classes load."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     where = model_dir(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(where, dtype=getattr(torch, dtype),
-                                                     attn_implementation=attn_implementation)
-        tokenizer = AutoTokenizer.from_pretrained(where)
+                                                     attn_implementation=attn_implementation,
+                                                     trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
     except OSError as e:  # no such directory, or one without weights, config or tokenizer
         raise CheckpointError(f"cannot load a model and tokenizer from {str(where)!r}: {e}") from e
     return model.to(device), tokenizer

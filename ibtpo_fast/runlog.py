@@ -1,7 +1,9 @@
 """Run logging: metrics.jsonl, a progress bar, optional tensorboard / wandb, and plots.
 
 `metrics.jsonl` holds one JSON object per logged step, `{"step": N, "<metric>": value, ...}`;
-non-finite values are written as null so every line stays valid JSON.
+non-finite values are written as null so every line stays valid JSON. Each line is appended, flushed
+and fsynced as it is logged, so a step's record is on disk before its checkpoint; a last line cut
+short by a crash is skipped by `read_metrics` and dropped when the run resumes.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from tqdm import tqdm
 
@@ -54,6 +56,12 @@ def _jsonable(key: str, value: Any) -> Any:
     raise TypeError(f"metric {key!r} has non-scalar value of type {type(value).__name__}")
 
 
+def _sync(f: TextIO) -> None:
+    # once a step, milliseconds: a record is on disk before the checkpoint that follows it
+    f.flush()
+    os.fsync(f.fileno())
+
+
 class RunLogger:
     """Writes each step's metrics to `run_dir/metrics.jsonl` (and tensorboard / wandb when
     asked) and shows one progress bar over steps.
@@ -93,7 +101,9 @@ class RunLogger:
     def _keep_history(self, start_step: int) -> None:
         kept = [r for r in read_metrics(self.path) if start_step > 0 and r.get("step", 0) <= start_step] if self.path.exists() else []
         tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        with tmp.open("w", encoding="utf-8") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in kept))
+            _sync(f)
         os.replace(tmp, self.path)
 
     def _open_tensorboard(self):
@@ -114,7 +124,7 @@ class RunLogger:
     def log(self, step: int, metrics: dict[str, float]) -> None:
         record = {"step": step, **{k: _jsonable(k, v) for k, v in metrics.items()}}
         self._file.write(json.dumps(record, allow_nan=False) + "\n")
-        self._file.flush()
+        _sync(self._file)
         numeric = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
         if self._tb is not None:
             for k, v in numeric.items():

@@ -41,7 +41,7 @@ class Trainer:
         seed_everything(cfg.train.seed)
         self.device = resolve_device(cfg.model.device)
         self.model, self.tokenizer = load_policy(cfg.model.path, self.device, cfg.model.dtype,
-                                                 cfg.model.attn_implementation)
+                                                 cfg.model.attn_implementation, cfg.model.trust_remote_code)
         self.ref_model = self._frozen_copy() if cfg.algo.kl_coef > 0 else None
         d = cfg.data
         self.task = load_task(d.task, train_files=d.train_files, val_files=d.val_files, val_size=d.val_size,
@@ -93,7 +93,8 @@ class Trainer:
                                dump_yaml(self.cfg), self.cfg.run.keep_last)
 
     def resume_from(self, path: Path) -> None:
-        trained = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, self.cfg.model.dtype))
+        trained = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, self.cfg.model.dtype),
+                                                       trust_remote_code=self.cfg.model.trust_remote_code)
         self.model.load_state_dict(trained.state_dict())
         state = load_state(path)
         self.optimizer.load_state_dict(state["optimizer"])

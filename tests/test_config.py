@@ -4,13 +4,19 @@ import sys
 
 import pytest
 
-from ibtpo_fast.config import PRESETS, ConfigError, load_config
+from ibtpo_fast.config import PRESETS, ConfigError, dump_yaml, load_config
 
 
 def test_defaults_follow_the_paper():
     c = load_config([])
     assert (c.rollout.strategy, c.rollout.tree, c.algo.beta, c.algo.lam) == ("ib", "4,9,1,1", 5.0, 0.1)
     assert (c.algo.clip_low, c.algo.clip_high, c.algo.kl_coef, c.algo.loss_agg) == (0.2, 0.2, 0.001, "token-mean")
+
+
+def test_remote_code_off_unless_asked():
+    assert load_config([]).model.trust_remote_code is False
+    assert "trust_remote_code: false" in dump_yaml(load_config([]))  # printed and saved with the run
+    assert load_config(["model.trust_remote_code=true"]).model.trust_remote_code is True
 
 
 def test_yaml_then_overrides(tmp_path):

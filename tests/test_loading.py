@@ -6,7 +6,9 @@ from pathlib import Path
 import pytest
 import reward_fns
 import torch
+from loads import record_trust_remote_code
 
+from ibtpo_fast import evaluate
 from ibtpo_fast.errors import CheckpointError, MissingExtraError
 from ibtpo_fast.loading import load_policy, load_task, stop_token_ids
 from ibtpo_fast.tasks import compute_score
@@ -41,3 +43,23 @@ def test_policy_and_stop_tokens():
     assert stop_token_ids(model, tok) == tuple(sorted({tok.eos_token_id, 7}))
     with pytest.raises(CheckpointError, match="nowhere"):
         load_policy("/nowhere", torch.device("cpu"))
+
+
+def test_model_and_tokenizer_run_no_remote_code_unless_asked(monkeypatch):
+    calls = record_trust_remote_code(monkeypatch)
+    load_policy("", torch.device("cpu"))
+    assert calls == [("AutoModelForCausalLM", False), ("AutoTokenizer", False)]  # passed explicitly, never left to a default
+    calls.clear()
+    load_policy("", torch.device("cpu"), trust_remote_code=True)
+    assert calls == [("AutoModelForCausalLM", True), ("AutoTokenizer", True)]
+    assert evaluate._args([]).trust_remote_code is False
+    assert evaluate._args(["--trust-remote-code"]).trust_remote_code is True
+
+
+def test_the_trainer_passes_the_option_on(monkeypatch, tmp_path):
+    from ibtpo_fast.config import load_config
+    from ibtpo_fast.trainer import Trainer
+
+    calls = record_trust_remote_code(monkeypatch)
+    Trainer(load_config([f"run.out_dir={tmp_path}", "data.val_size=2", "model.trust_remote_code=true"]))
+    assert calls[:2] == [("AutoModelForCausalLM", True), ("AutoTokenizer", True)]

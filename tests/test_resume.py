@@ -1,11 +1,22 @@
-"""A run killed with SIGKILL mid-step resumes from its last checkpoint and continues exactly."""
+"""A run killed with SIGKILL mid-step, or ended by a checkpoint write that failed, resumes from its last
+checkpoint and continues exactly."""
+import contextlib
+import errno
+import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
+import torch
+from loads import record_trust_remote_code
+
+from ibtpo_fast.train import main as train_main
 
 # The grader sleeps 50 ms an item (8 items a step, scored inline), so that on any machine a step lasts
 # well past the moment the test kills the run inside it.
@@ -53,3 +64,55 @@ def test_sigkill_mid_step_then_resume_matches_uninterrupted(tmp_path):
     assert sorted(got) == [0, 1, 2, 3, 4]
     for step in (3, 4):
         assert comparable(got[step]) == comparable(want[step]), step
+
+
+# Two short steps, a checkpoint after each; in process, so the test can make a write fail.
+SHORT = ["data.batch_size=2", "data.val_size=2", "train.eval_k=1", "rollout.tree=2,3,1,1", "rollout.max_new_tokens=32",
+         "run.progress=off", "train.steps=2", "train.eval_every=0", "run.save_every=1", "run.name=r"]
+
+
+@pytest.fixture(scope="module")
+def disk_full_at_step_2(tmp_path_factory):
+    """A run whose step-2 checkpoint fails part-way, the disk full: (run dir, exit code, stderr)."""
+    out = tmp_path_factory.mktemp("disk-full")
+    real_save = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if "global_step_2" in str(f):
+            Path(f).write_bytes(b"PK partial")
+            raise OSError(errno.ENOSPC, "No space left on device", str(f))
+        real_save(obj, f, *args, **kwargs)
+
+    err = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stderr(err), pytest.raises(SystemExit) as ended:
+        mp.setattr(torch, "save", save)
+        mp.delenv("IBTPO_DEBUG", raising=False)
+        train_main([*SHORT, f"run.out_dir={out}"])
+    return out / "r", ended.value.code, err.getvalue()
+
+
+def test_failed_checkpoint_write_ends_run_keeping_previous(disk_full_at_step_2):
+    run_dir, code, err = disk_full_at_step_2
+    ckpts = run_dir / "checkpoints"
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and "Traceback" not in err, err[-3000:]
+    assert last.startswith(f"error: cannot write checkpoint {ckpts / 'global_step_2'}: ") and "No space left" in last, last
+    assert sorted(p.name for p in ckpts.iterdir()) == ["global_step_1", "latest"]  # no partial directory
+    assert (ckpts / "latest").read_text() == "global_step_1"
+
+
+def test_resume_after_failed_write_and_torn_metrics_line(disk_full_at_step_2, tmp_path, monkeypatch, capsys):
+    shutil.copytree(disk_full_at_step_2[0], tmp_path / "r")
+    metrics = tmp_path / "r" / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    assert [json.loads(ln)["step"] for ln in lines] == [0, 1, 2]  # step 2 was logged before its checkpoint failed
+    metrics.write_text(f"{lines[0]}\n{lines[1]}\n{lines[2][: len(lines[2]) // 2]}")  # a crash mid-line
+    loads = record_trust_remote_code(monkeypatch)
+    assert train_main([*SHORT, f"run.out_dir={tmp_path}"]) == 0
+    assert "resumed from step 1" in capsys.readouterr().out
+    got = [json.loads(ln) for ln in metrics.read_text().splitlines()]  # every line whole JSON again
+    assert [r["step"] for r in got] == [0, 1, 2]
+    assert comparable(got[2]) == comparable(json.loads(lines[2]))  # step 2 again, to the bit
+    assert (tmp_path / "r" / "plots" / "accuracy.png").is_file()
+    assert {name for name, _ in loads} == {"AutoModelForCausalLM", "AutoTokenizer"}  # policy, tokenizer, resume
+    assert all(trust is False for _, trust in loads), loads
