@@ -63,7 +63,7 @@ def last_number_score(text: str, answer: str) -> float:
 
 
 def run_sampler(model, tok, problems, prompts, strategy, tree, seed=0, max_new=MAX_NEW, sampling=SamplingParams(),
-                engine=None, score=task_score):
+                engine=None, score=task_score, schedule="continuous"):
     engine = engine or TorchEngine(model, tokenizer=tok)
 
     def reward(trees, responses):
@@ -71,7 +71,7 @@ def run_sampler(model, tok, problems, prompts, strategy, tree, seed=0, max_new=M
         return [score(t, problems[i].answer) for i, t in zip(trees, texts)]
 
     cfg = SamplerConfig(strategy=strategy, tree=tree, max_new_tokens=max_new, sampling=sampling,
-                        stop_token_ids=(tok.eos_token_id,), step_delimiter=STEP_DELIMITER, seed=seed)
+                        stop_token_ids=(tok.eos_token_id,), step_delimiter=STEP_DELIMITER, seed=seed, schedule=schedule)
     t0 = time.perf_counter()
     rollout = IBTreeSampler(engine, tok, reward, cfg).sample(prompts)
     return rollout, time.perf_counter() - t0
@@ -139,18 +139,38 @@ def interleaved(runs: dict, rounds: int) -> dict:
 
 
 class TimedEngine:
-    """An engine whose generate calls are timed (the engine's own time) and whose first call, the
-    sampler's round 1, is kept as (requests, completions)."""
+    """An engine whose calls are timed (the engine's own time) and whose first submitted requests, the
+    sampler's round 1, are kept with their completions."""
 
     def __init__(self, engine: TorchEngine) -> None:
-        self.engine, self.seconds, self.first = engine, 0.0, None
+        self.engine, self.seconds = engine, 0.0
+        self.first_requests: list[Request] | None = None
+        self._first: dict[int, Completion] = {}
 
-    def generate(self, requests: list[Request]) -> list[Completion]:
+    def _timed(self, fn, *args):
         t0 = time.perf_counter()
-        out = self.engine.generate(requests)
+        out = fn(*args)
         self.seconds += time.perf_counter() - t0
-        self.first = self.first or (list(requests), out)
         return out
+
+    def submit(self, requests: list[Request]) -> list[int]:
+        handles = self._timed(self.engine.submit, requests)
+        if self.first_requests is None:
+            self.first_requests, self._first = list(requests), dict.fromkeys(handles)
+        return handles
+
+    def poll(self) -> list[tuple[int, Completion]]:
+        out = self._timed(self.engine.poll)
+        self._first.update((h, c) for h, c in out if h in self._first)
+        return out
+
+    @property
+    def in_flight(self) -> int:
+        return self.engine.in_flight
+
+    @property
+    def first(self) -> tuple[list[Request], list[Completion]]:
+        return self.first_requests, list(self._first.values())
 
 
 def agreement(a: list[Completion], b: list[Completion]) -> tuple[float, float]:
@@ -213,6 +233,58 @@ def test_prefix_reuse(benchmark, claim, tiny):
     prefix_reuse(benchmark, claim, model, tok, problems, prompts, rounds=1 if benchmark.disabled else 5)
 
 
+# IBTree (4,9,1,1) rollout wall time against independent G=8's on the same prompts (stretch: 1.2x).
+ROLLOUT_VS_G8_TARGET = 1.5
+SCHEDULE_RUNS = {"continuous": ("ib", "4,9,1,1", "continuous"), "lockstep": ("ib", "4,9,1,1", "lockstep"),
+                 "g8": ("independent", "8,1,1,1", "continuous")}
+
+
+def schedules(benchmark, claim, model, tok, problems, prompts, rounds: int, **sampler_kw) -> None:
+    """Continuous and lock-step IBTree rollouts and G=8, fastest of `rounds` interleaved, with the engine's
+    decode steps, rows per step and time per step for each."""
+    engines = {name: TorchEngine(model, tokenizer=tok) for name in SCHEDULE_RUNS}
+
+    def run(name: str):
+        engine = engines[name]
+        engine.flush_cache()
+        engine.reset_stats()
+        strategy, tree, schedule = SCHEDULE_RUNS[name]
+        rollout, seconds = run_sampler(model, tok, problems, prompts, strategy, tree, engine=engine,
+                                       schedule=schedule, **sampler_kw)
+        return (rollout, engine.stats()), seconds
+
+    res = benchmark.pedantic(interleaved, ({name: partial(run, name) for name in SCHEDULE_RUNS}, rounds),
+                             rounds=1, iterations=1)
+    for name, ((rollout, stats), seconds) in res.items():
+        steps = stats["decode_steps"]
+        benchmark.extra_info.update({
+            f"{name}_seconds": seconds, f"{name}_decode_steps": steps,
+            f"{name}_rows_per_step": stats["decode_tokens"] / steps,
+            f"{name}_ms_per_step": 1000 * stats["decode_seconds"] / steps,
+            f"{name}_admit_seconds": stats["admit_seconds"],
+            f"{name}_generated_tokens": int(rollout.generated_tokens.sum())})
+    (cont, cont_stats), t_cont = res["continuous"]
+    (lock, lock_stats), t_lock = res["lockstep"]
+    (g8, _), t_g8 = res["g8"]
+    assert_trajectories({"continuous": cont, "lockstep": lock, "g8": g8},
+                        {name: tree for name, (_, tree, _) in SCHEDULE_RUNS.items()})
+    # The same trees in both schedules, but where batch-shape rounding flipped a sampled token.
+    same = sum(np.array_equal(cont.forest.trees_only([t])[0].tokens, lock.forest.trees_only([t])[0].tokens)
+               for t in range(len(prompts)))
+    benchmark.extra_info["trees_identical_share"] = same / len(prompts)
+    assert same >= 0.75 * len(prompts)
+    assert cont_stats["decode_steps"] <= lock_stats["decode_steps"]  # rounds of different trees overlap
+    claim("rollout_vs_g8", t_cont / t_g8, ROLLOUT_VS_G8_TARGET, higher_is_better=False)
+    claim("lockstep_vs_g8", t_lock / t_g8)
+    claim("continuous_vs_lockstep", t_cont / t_lock)
+
+
+def test_continuous_expansion(benchmark, claim, tiny):
+    model, tok = tiny
+    problems, prompts = workload(benchmark, tok)
+    schedules(benchmark, claim, model, tok, problems, prompts, rounds=1 if benchmark.disabled else 3)
+
+
 def smollm2_workload(n: int, task: ArithmeticConfig = ArithmeticConfig()):
     """SmolLM2-135M-Instruct asked held-out questions through its chat template (~60-token prompts)."""
     model, tok = load_smollm2()
@@ -237,6 +309,14 @@ def test_prefix_reuse_smollm2(benchmark, claim):
     model, tok, problems, prompts = smollm2_workload(2 if benchmark.disabled else 32)
     prefix_reuse(benchmark, claim, model, tok, problems, prompts, 1 if benchmark.disabled else 2,
                  max_new=4 if benchmark.disabled else 32, sampling=SMOLLM2_SAMPLING)
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_continuous_expansion_smollm2(benchmark, claim):
+    model, tok, problems, prompts = smollm2_workload(2 if benchmark.disabled else 32)
+    schedules(benchmark, claim, model, tok, problems, prompts, 1 if benchmark.disabled else 2,
+              max_new=4 if benchmark.disabled else 32, sampling=SMOLLM2_SAMPLING)
 
 
 @pytest.mark.slow

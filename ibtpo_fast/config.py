@@ -44,6 +44,7 @@ class DataConfig:
 @dataclass
 class RolloutConfig:
     strategy: str = "ib"  # ib | independent | random | entropy
+    schedule: str = "continuous"  # continuous: each tree's next round joins the running batch | lockstep
     tree: str = "4,9,1,1"  # B0,L,K,B
     max_new_tokens: int = 64
     temperature: float = 1.0
@@ -137,13 +138,14 @@ def _choices() -> dict[str, tuple[str, ...]]:
     from ibtpo_fast.packing import LAYOUTS, PREFIX_WEIGHTINGS
     from ibtpo_fast.policy import MODEL_ATTENTION
     from ibtpo_fast.runlog import PROGRESS_MODES
-    from ibtpo_fast.sampler import STRATEGIES
+    from ibtpo_fast.sampler import SCHEDULES, STRATEGIES
     from ibtpo_fast.tree_attention import TREE_ATTENTION_BACKENDS
     from ibtpo_fast.walk import STEP_PROBS
 
     return {
         **_OWN_CHOICES,
         "rollout.strategy": STRATEGIES,
+        "rollout.schedule": SCHEDULES,
         "algo.step_prob": STEP_PROBS,
         "algo.loss_agg": tuple(AGGREGATIONS),
         "algo.prefix_weighting": PREFIX_WEIGHTINGS,

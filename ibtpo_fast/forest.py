@@ -230,6 +230,42 @@ class Forest:
         f.roots = roots.tolist()
         return f
 
+    def tree_major(self) -> tuple[Forest, np.ndarray]:
+        """This forest with each tree's nodes contiguous, trees in order, each tree's nodes in their
+        order here; and the new index of every node. Trees grown concurrently interleave their nodes:
+        this is the order the same trees grown one round after another would have."""
+        return self.select(np.lexsort((np.arange(self._n), self.tree)))
+
+    def trees_only(self, trees: Sequence[int]) -> tuple[Forest, np.ndarray]:
+        """The forest of `trees` alone (renumbered 0, 1, ... in the order given), and the new index of
+        every node (-1 for nodes of other trees)."""
+        return self.select(np.concatenate([np.flatnonzero(self.tree == t) for t in trees]))
+
+    def select(self, order: np.ndarray) -> tuple[Forest, np.ndarray]:
+        """The nodes `order` (whole trees, each tree's nodes in topological order) as a new forest, trees
+        renumbered by first appearance; and the new index of every node (-1 where not selected)."""
+        new_index = np.full(self._n, -1, np.int64)
+        new_index[order] = np.arange(len(order))
+        lengths = self.num_tokens[order]
+        end = np.cumsum(lengths)
+        total = int(end[-1]) if len(order) else 0
+        token_order = np.repeat(self.token_start[order] - (end - lengths), lengths) + np.arange(total)
+        parent = self.parent[order]
+        _, first, inverse = np.unique(self.tree[order], return_index=True, return_inverse=True)
+        renumber = np.empty(len(first), np.int64)
+        renumber[np.argsort(first)] = np.arange(len(first))
+        f = Forest(capacity=max(len(order), 1), token_capacity=max(total, 1))
+        cols = dict(parent=np.where(parent >= 0, new_index[np.maximum(parent, 0)], -1), tree=renumber[inverse],
+                    token_start=end - lengths, token_end=end, logprob_sum=self.logprob_sum[order],
+                    num_tokens=lengths, reward=self.reward[order], num_children=self.num_children[order])
+        for k, v in cols.items():
+            f._nodes[k][: len(order)] = v
+        for k in _TOKEN_FIELDS:
+            f._toks[k][:total] = self._toks[k][token_order]
+        f._n, f._num_tokens_used = len(order), total
+        f.roots = np.flatnonzero(cols["parent"] < 0).tolist()
+        return f, new_index
+
     # ---- reading -----------------------------------------------------------------------------
     def leaf_paths(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(leaf_ids, offsets, nodes): leaf k's root-to-leaf path is nodes[offsets[k]:offsets[k+1]]."""

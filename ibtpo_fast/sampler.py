@@ -1,9 +1,12 @@
 """IBTree sampling (docs/algorithm.md section 3): grow one tree per prompt, round by round.
 
-Round 1 samples B0 complete responses per prompt; each later round walks the forest, picks the
-top-K nodes per tree by the strategy's score, and samples B continuations from each. Every round
-is one engine call holding every tree's requests, and the new leaves are rewarded before the next
-round's scoring. Shared prefixes are never regenerated; the engine's prefix cache serves them.
+Round 1 samples B0 complete responses per prompt; each later round walks the tree, picks its top-K
+nodes by the strategy's score, and samples B continuations from each; a round's leaves are rewarded
+before the next round's scoring. Trees advance on their own (`schedule="continuous"`, the default):
+a tree's next round joins the engine's running batch as soon as its last one is rewarded, while
+other trees still decode. `schedule="lockstep"` runs every tree's round r as one engine call, then
+round r + 1; both grow the same trees, since a tree's picks depend on that tree alone and its
+samples on its own seeds. Shared prefixes are never regenerated; the engine's prefix cache serves them.
 """
 from __future__ import annotations
 
@@ -20,6 +23,9 @@ from ibtpo_fast.steps import step_lengths
 from ibtpo_fast.walk import walk
 
 STRATEGIES = ("ib", "independent", "random", "entropy")
+# continuous: each tree's next round joins the running decode batch as soon as its last round is rewarded;
+# lockstep: every tree's round r in one engine call, then round r + 1 (the same trees, more wall time)
+SCHEDULES = ("continuous", "lockstep")
 
 # reward_fn(rows, response_token_ids) -> one reward per response, where rows[i] is what the caller passed
 # to `sample` for response i's tree (its tree index when the caller passed nothing)
@@ -78,9 +84,12 @@ class SamplerConfig:
     beta: float = 5.0
     step_prob: str = "geomean"
     seed: int = 0
+    schedule: str = "continuous"
 
     def __post_init__(self) -> None:
         self.tree = check_tree(self.strategy, self.tree)
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
         if self.max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be > 0, got {self.max_new_tokens}")
         if self.token_budget is not None and self.token_budget <= 0:
@@ -100,24 +109,53 @@ class _Branch:
     tree: int
     node: int  # the node continued from (a root in round 1)
     response_len: int  # response tokens already on the path
+    number: int  # the tree's branch count when it was made: with the tree's id, it seeds the request
+
+
+@dataclass
+class _Batch:
+    """What one `sample` call grows and counts."""
+
+    forest: Forest
+    rows: Sequence[Any]
+    tree_ids: list[int]
+    generated: np.ndarray  # per tree
+    branches_made: np.ndarray  # per tree
+    finish: dict[int, str] = field(default_factory=dict)
+    timing: dict[str, float] = field(default_factory=lambda: {"reward": 0.0, "walk": 0.0})
+    prefix_tokens: int = 0
+    cached_tokens: int = 0
+
+    def branches(self, tree: int, picks: Sequence[tuple[int, int]], copies: int) -> list[_Branch]:
+        """`copies` branches from each (node, response length) of `picks`, numbered in order."""
+        out = []
+        for node, response_len in picks:
+            for _ in range(copies):
+                out.append(_Branch(tree, node, response_len, int(self.branches_made[tree])))
+                self.branches_made[tree] += 1
+        return out
 
 
 class IBTreeSampler:
     def __init__(self, engine: Engine, tokenizer: Any, reward_fn: RewardFn, config: SamplerConfig) -> None:
+        if config.schedule == "continuous" and not all(hasattr(engine, a) for a in ("submit", "poll", "in_flight")):
+            raise TypeError(f"schedule='continuous' needs an engine with submit / poll / in_flight (the streaming form "
+                            f"of the engine protocol); {type(engine).__name__} has none: use schedule='lockstep'")
         self.engine, self.tokenizer, self.reward_fn, self.cfg = engine, tokenizer, reward_fn, config
-        self._rng = np.random.default_rng(config.seed)
-        self._requests_made = 0
+        self._trees_sampled = 0  # default tree ids continue from here, so every call draws new samples
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rng": self._rng.bit_generator.state, "requests_made": self._requests_made}
+        return {"trees_sampled": self._trees_sampled}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._rng.bit_generator.state = state["rng"]
-        self._requests_made = state["requests_made"]
+        self._trees_sampled = int(state["trees_sampled"])
 
-    def sample(self, prompts: Sequence[Sequence[int]], rows: Sequence[Any] | None = None) -> Rollout:
+    def sample(self, prompts: Sequence[Sequence[int]], rows: Sequence[Any] | None = None,
+               tree_ids: Sequence[int] | None = None) -> Rollout:
         """One tree per prompt. `rows` (one per prompt: data source, ground truth, ...) reach the reward
-        function with each response, so nothing outside this call decides which row a response grades against."""
+        function with each response, so nothing outside this call decides which row a response grades
+        against. `tree_ids` name the trees for their random streams (default: a count of the trees this
+        sampler has grown), so a tree draws the same samples whichever batch or process grows it."""
         if len(prompts) == 0:
             raise ValueError("prompts is empty")
         rows = range(len(prompts)) if rows is None else rows
@@ -126,102 +164,167 @@ class IBTreeSampler:
         for i, p in enumerate(prompts):
             if len(p) == 0:
                 raise ValueError(f"prompt {i} is empty")
-        cfg, forest = self.cfg, Forest()
-        roots = [forest.add_tree(p) for p in prompts]
-        generated = np.zeros(len(prompts), np.int64)
-        finish: dict[int, str] = {}
-        timing = {"reward": 0.0, "walk": 0.0}
+        if tree_ids is None:
+            tree_ids = range(self._trees_sampled, self._trees_sampled + len(prompts))
+            self._trees_sampled += len(prompts)
+        elif len(tree_ids) != len(prompts):
+            raise ValueError(f"got {len(tree_ids)} tree ids for {len(prompts)} prompts")
+        forest = Forest()
+        for p in prompts:
+            forest.add_tree(p)
+        n = len(prompts)
+        batch = _Batch(forest, rows, [int(t) for t in tree_ids], np.zeros(n, np.int64), np.zeros(n, np.int64))
         start = time.perf_counter()
-        prefix_total = cached_total = 0
-        branches = [_Branch(t, r, 0) for t, r in enumerate(roots) for _ in range(cfg.tree.B0)]
-        for round_idx in range(cfg.tree.L):
-            if round_idx > 0:
-                t0 = time.perf_counter()
-                branches = self._pick(forest, generated)
-                timing["walk"] += time.perf_counter() - t0
-            if not branches:
-                break
-            requests = [self._request(forest, b) for b in branches]
-            completions = self.engine.generate(requests)
-            prefix_total += sum(len(r.prefix_ids) for r in requests)
-            cached_total += sum(c.cached_tokens for c in completions)
-            leaves = [self._attach(forest, b, c, generated, finish) for b, c in zip(branches, completions)]
-            t0 = time.perf_counter()
-            self._score(forest, leaves, finish, rows)
-            timing["reward"] += time.perf_counter() - t0
+        if self.cfg.schedule == "lockstep":
+            self._lockstep(batch)
+        else:
+            self._continuous(batch)
         # rollout: everything but rewards and branch scoring (engine calls, requests, attaching steps),
         # so the three parts sum to the call's wall time
-        timing["rollout"] = time.perf_counter() - start - timing["reward"] - timing["walk"]
-        metrics = self._metrics(forest, generated, prefix_total, cached_total, timing, finish)
-        return Rollout(forest, generated, metrics, finish)
+        batch.timing["rollout"] = time.perf_counter() - start - batch.timing["reward"] - batch.timing["walk"]
+        forest, new_index = batch.forest.tree_major()
+        finish = {int(new_index[v]): reason for v, reason in batch.finish.items()}
+        metrics = self._metrics(forest, batch, finish)
+        return Rollout(forest, batch.generated, metrics, finish)
+
+    # ---- schedules -------------------------------------------------------------------------
+    def _lockstep(self, batch: _Batch) -> None:
+        """Every tree's round r in one engine call, then every tree's round r + 1."""
+        cfg, forest = self.cfg, batch.forest
+        branches = [b for t, root in enumerate(forest.roots) for b in batch.branches(t, [(root, 0)], cfg.tree.B0)]
+        for round_idx in range(1, cfg.tree.L + 1):
+            if not branches:
+                return
+            completions = self._generate(batch, branches)
+            leaves = [self._attach(batch, b, c) for b, c in zip(branches, completions)]
+            self._score(batch, leaves)
+            if round_idx < cfg.tree.L:
+                branches = self._next_round(batch, range(forest.num_trees), round_idx)
+
+    def _continuous(self, batch: _Batch) -> None:
+        """Each tree on its own: when all branches of its round are back, they are rewarded and its next
+        branches join the engine's running batch while other trees still decode. A tree's rounds, picks
+        and samples are those of the lock-step schedule; only the wall time differs."""
+        cfg, forest = self.cfg, batch.forest
+        rounds = np.ones(forest.num_trees, np.int64)
+        waiting: dict[int, tuple[_Branch, int]] = {}  # engine handle -> (branch, its slot in the round)
+        returned: dict[int, list[Completion | None]] = {}  # tree -> its round's completions, by slot
+
+        def submit(branches: list[_Branch]) -> None:
+            handles = self.engine.submit([self._request(batch, b) for b in branches])
+            batch.prefix_tokens += sum(len(forest.prefix_tokens(b.node)) for b in branches)
+            for b, h in zip(branches, handles):
+                slots = returned.setdefault(b.tree, [])
+                waiting[h] = (b, len(slots))
+                slots.append(None)
+
+        submit([b for t, root in enumerate(forest.roots) for b in batch.branches(t, [(root, 0)], cfg.tree.B0)])
+        branches_of: dict[int, list[_Branch]] = {}
+        for b, _ in waiting.values():
+            branches_of.setdefault(b.tree, []).append(b)
+        while waiting:
+            done_trees = []
+            for handle, completion in self.engine.poll():
+                b, slot = waiting.pop(handle)
+                returned[b.tree][slot] = completion
+                batch.cached_tokens += completion.cached_tokens
+                if all(c is not None for c in returned[b.tree]):
+                    done_trees.append(b.tree)
+            if not done_trees:
+                continue
+            # The round's branches attach in their order, as in lock-step, whatever order they finished in.
+            leaves = [self._attach(batch, b, c) for t in done_trees
+                      for b, c in zip(branches_of.pop(t), returned.pop(t))]
+            self._score(batch, leaves)
+            grow = [t for t in done_trees if rounds[t] < cfg.tree.L]
+            rounds[grow] += 1
+            nxt = [b for t in grow for b in self._next_round(batch, [t], int(rounds[t]) - 1)]
+            for b in nxt:
+                branches_of.setdefault(b.tree, []).append(b)
+            if nxt:
+                submit(nxt)
+
+    def _generate(self, batch: _Batch, branches: list[_Branch]) -> list[Completion]:
+        requests = [self._request(batch, b) for b in branches]
+        completions = self.engine.generate(requests)
+        batch.prefix_tokens += sum(len(r.prefix_ids) for r in requests)
+        batch.cached_tokens += sum(c.cached_tokens for c in completions)
+        return completions
 
     # ---- one round -------------------------------------------------------------------------
-    def _request(self, forest: Forest, b: _Branch) -> Request:
+    def _request(self, batch: _Batch, b: _Branch) -> Request:
         cfg = self.cfg
-        # One seed per request, from the sampler's seed and a running count: reproducible runs,
-        # distinct samples for every branch.
-        seed = (cfg.seed * 1_000_003 + self._requests_made) % (2**63)
-        self._requests_made += 1
-        sp = SamplingParams(cfg.sampling.temperature, cfg.sampling.top_p, cfg.sampling.top_k, seed)
+        sp = SamplingParams(cfg.sampling.temperature, cfg.sampling.top_p, cfg.sampling.top_k,
+                            branch_seed(cfg.seed, batch.tree_ids[b.tree], b.number))
         return Request(
-            prefix_ids=forest.prefix_tokens(b.node).tolist(),
+            prefix_ids=batch.forest.prefix_tokens(b.node).tolist(),
             max_new_tokens=cfg.max_new_tokens - b.response_len,
             sampling=sp,
             stop_token_ids=tuple(cfg.stop_token_ids),
             stop_strings=tuple(cfg.stop_strings),
         )
 
-    def _attach(self, forest: Forest, b: _Branch, c: Completion, generated: np.ndarray, finish: dict) -> int:
+    def _attach(self, batch: _Batch, b: _Branch, c: Completion) -> int:
         ids = np.asarray(c.token_ids, np.int64)
         lengths = step_lengths(ids, self.tokenizer, self.cfg.step_delimiter, self.cfg.min_step_tokens)
         bounds = np.cumsum(lengths)[:-1]
-        nodes = forest.add_chain(b.node, np.split(ids, bounds), c.logprobs, c.entropies)
-        generated[b.tree] += len(ids)
-        finish[nodes[-1]] = c.finish_reason
+        nodes = batch.forest.add_chain(b.node, np.split(ids, bounds), c.logprobs, c.entropies)
+        batch.generated[b.tree] += len(ids)
+        batch.finish[nodes[-1]] = c.finish_reason
         return nodes[-1]
 
-    def _score(self, forest: Forest, leaves: list[int], finish: dict, rows: Sequence[Any]) -> None:
+    def _score(self, batch: _Batch, leaves: list[int]) -> None:
         """Reward new leaves; truncated responses score 0 without calling the reward function."""
+        t0, forest, finish = time.perf_counter(), batch.forest, batch.finish
         done = [v for v in leaves if finish[v] != "length"]
         for v in leaves:
             if finish[v] == "length":
                 forest.set_reward(v, 0.0)
-        if not done:
-            return
-        responses = [forest.prefix_tokens(v)[forest.num_tokens[forest.roots[forest.tree[v]]]:] for v in done]
-        rewards = self.reward_fn([rows[int(forest.tree[v])] for v in done], responses)
-        if len(rewards) != len(done):
-            raise ValueError(f"reward_fn returned {len(rewards)} rewards for {len(done)} responses")
-        for v, r in zip(done, rewards):
-            forest.set_reward(v, float(r))
+        if done:
+            responses = [forest.prefix_tokens(v)[forest.num_tokens[forest.roots[forest.tree[v]]]:] for v in done]
+            rewards = self.reward_fn([batch.rows[int(forest.tree[v])] for v in done], responses)
+            if len(rewards) != len(done):
+                raise ValueError(f"reward_fn returned {len(rewards)} rewards for {len(done)} responses")
+            for v, r in zip(done, rewards):
+                forest.set_reward(v, float(r))
+        batch.timing["reward"] += time.perf_counter() - t0
 
     # ---- branching -------------------------------------------------------------------------
-    def _pick(self, forest: Forest, generated: np.ndarray) -> list[_Branch]:
-        """Top-K expandable nodes per tree by the strategy's score; ties: shallower, then lower index."""
-        cfg = self.cfg
-        score = self._node_scores(forest)
-        depth = forest.depth()
-        response_len = forest.response_lengths()
-        open_node = (forest.num_children > 0) & (response_len < cfg.max_new_tokens)
+    def _next_round(self, batch: _Batch, trees: Sequence[int], round_idx: int) -> list[_Branch]:
+        """Branches of round `round_idx + 1` for `trees`: the top-K expandable nodes of each by the
+        strategy's score (ties: shallower, then lower index), B continuations each. Scored on a forest
+        of `trees` alone: a tree's picks depend on that tree only, and other trees may be mid-round."""
+        t0, cfg = time.perf_counter(), self.cfg
+        nodes = np.concatenate([np.flatnonzero(batch.forest.tree == t) for t in trees])
+        sub, _ = batch.forest.select(nodes)
+        score = self._node_scores(sub, [batch.tree_ids[t] for t in trees], round_idx)
+        depth = sub.depth()
+        response_len = sub.response_lengths()
+        open_node = (sub.num_children > 0) & (response_len < cfg.max_new_tokens)
         if cfg.token_budget is not None:
-            open_node &= generated[forest.tree] < cfg.token_budget
+            open_node &= batch.generated[np.asarray(trees)][sub.tree] < cfg.token_budget
         branches = []
-        for t in range(forest.num_trees):
-            cand = np.flatnonzero(open_node & (forest.tree == t))
-            if len(cand) == 0:
-                continue
+        for k, t in enumerate(trees):
+            cand = np.flatnonzero(open_node & (sub.tree == k))
             # lexsort: last key is primary -> score descending, depth ascending, index ascending
             order = np.lexsort((cand, depth[cand], -score[cand]))
-            for v in cand[order[: cfg.tree.K]]:
-                branches += [_Branch(t, int(v), int(response_len[v]))] * cfg.tree.B
+            picks = [(int(nodes[v]), int(response_len[v])) for v in cand[order[: cfg.tree.K]]]
+            branches += batch.branches(t, picks, cfg.tree.B)
+        batch.timing["walk"] += time.perf_counter() - t0
         return branches
 
-    def _node_scores(self, forest: Forest) -> np.ndarray:
+    def _node_scores(self, forest: Forest, tree_ids: Sequence[int], round_idx: int) -> np.ndarray:
+        """Every node's score, on a forest whose tree k has id `tree_ids[k]` (the random strategy's draws
+        are seeded by the tree's id and the round)."""
         cfg = self.cfg
         if cfg.strategy == "ib":
             return walk(forest, beta=cfg.beta, step_prob=cfg.step_prob).ib_score
         if cfg.strategy == "random":
-            return self._rng.random(len(forest))
+            score = np.zeros(len(forest))
+            for k, tree_id in enumerate(tree_ids):
+                mine = np.flatnonzero(forest.tree == k)
+                score[mine] = np.random.default_rng([cfg.seed % 2**64, tree_id, round_idx]).random(len(mine))
+            return score
         # entropy: mean token entropy (surprisal where the engine gave none) of a node's next steps
         per_tok = forest.token_entropies.astype(np.float64)
         missing = np.isnan(per_tok)
@@ -233,13 +336,11 @@ class IBTreeSampler:
         return total / np.maximum(forest.num_children, 1)
 
     # ---- accounting ------------------------------------------------------------------------
-    def _metrics(
-        self, forest: Forest, generated: np.ndarray, prefix: int, cached: int, timing: dict, finish: dict
-    ) -> dict:
+    def _metrics(self, forest: Forest, batch: _Batch, finish: dict[int, str]) -> dict:
         leaves = forest.is_leaf
         resp_len = forest.response_lengths()[leaves]
         trajectories = int(leaves.sum())
-        total_gen = int(generated.sum())
+        total_gen = int(batch.generated.sum())
         rewards = forest.reward[leaves]
         per_tree = [forest.reward[leaves & (forest.tree == t)] for t in range(forest.num_trees)]
         return {
@@ -252,6 +353,12 @@ class IBTreeSampler:
             "response_length/mean": float(resp_len.mean()),
             # share of trajectories cut at max_new_tokens (they score 0)
             "response_length/clip_ratio": float(np.mean([finish[v] == "length" for v in np.flatnonzero(leaves)])),
-            "rollout/prefix_cache_hit_rate": cached / max(prefix, 1),
-            **{f"timing/{k}": v for k, v in timing.items()},
+            "rollout/prefix_cache_hit_rate": batch.cached_tokens / max(batch.prefix_tokens, 1),
+            **{f"timing/{k}": v for k, v in batch.timing.items()},
         }
+
+
+def branch_seed(seed: int, tree_id: int, branch: int) -> int:
+    """The sampling seed of a tree's `branch`-th request: a function of the sampler's seed, the tree and the
+    branch alone, so a tree draws the same tokens in any batch, schedule or process."""
+    return int(np.random.SeedSequence([seed % 2**64, tree_id, branch]).generate_state(1, np.uint64)[0] >> 1)

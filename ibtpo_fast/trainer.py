@@ -57,7 +57,8 @@ class Trainer:
         self.stop_ids = stop_token_ids(self.model, self.tokenizer)
         self.sampling = SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k)
         self.sampler = IBTreeSampler(self.engine, self.tokenizer, self._reward, SamplerConfig(
-            strategy=cfg.rollout.strategy, tree=cfg.rollout.tree, max_new_tokens=cfg.rollout.max_new_tokens,
+            strategy=cfg.rollout.strategy, schedule=cfg.rollout.schedule, tree=cfg.rollout.tree,
+            max_new_tokens=cfg.rollout.max_new_tokens,
             sampling=self.sampling, stop_token_ids=self.stop_ids, step_delimiter=cfg.rollout.step_delimiter,
             min_step_tokens=cfg.rollout.min_step_tokens, token_budget=cfg.rollout.token_budget or None,
             beta=cfg.algo.beta, step_prob=cfg.algo.step_prob, seed=cfg.train.seed,

@@ -60,3 +60,9 @@ def test_cli_rejects_bad_config_before_any_work():
 
 def test_step_delimiter_escapes():
     assert load_config([r"rollout.step_delimiter=\n\n"]).rollout.step_delimiter == "\n\n"
+
+
+def test_schedule_is_checked():
+    assert load_config([]).rollout.schedule == "continuous"
+    with pytest.raises(ConfigError, match="rollout.schedule"):
+        load_config(["rollout.schedule=sometimes"])

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from ibtpo_fast import Forest, walk
 from ibtpo_fast.engines.protocol import SamplingParams
 from ibtpo_fast.engines.torch_engine import TorchEngine
-from ibtpo_fast.sampler import IBTreeSampler, SamplerConfig, TreeSpec
+from ibtpo_fast.sampler import IBTreeSampler, SamplerConfig, TreeSpec, _Batch
 from ibtpo_fast.tasks import STEP_DELIMITER, compute_score, make_split, tiny_model_path
 
 
@@ -29,6 +29,17 @@ class Spy:
     def generate(self, requests):
         self.calls.append(list(requests))
         return self.engine.generate(requests)
+
+    def submit(self, requests):
+        self.calls.append(list(requests))
+        return self.engine.submit(requests)
+
+    def poll(self):
+        return self.engine.poll()
+
+    @property
+    def in_flight(self):
+        return self.engine.in_flight
 
     def update_weights(self, named_tensors=None):
         self.engine.update_weights(named_tensors)
@@ -56,13 +67,17 @@ def prompts_of(tok, problems):
     return [tok.encode(p.prompt, add_special_tokens=False) for p in problems]
 
 
-def test_ib_rounds_shape_and_accounting(tiny):
+@pytest.mark.parametrize("schedule", ["lockstep", "continuous"])
+def test_ib_rounds_shape_and_accounting(tiny, schedule):
     problems = make_split("train", 3)
-    sampler, engine, reward_calls = make_sampler(tiny, problems, tree=TreeSpec(4, 3, 1, 2))
+    sampler, engine, reward_calls = make_sampler(tiny, problems, tree=TreeSpec(4, 3, 1, 2), schedule=schedule)
     rollout = sampler.sample(prompts_of(tiny[1], problems))
     f = rollout.forest
-    assert len(engine.calls) == 3  # one engine call per round, holding every tree's requests
-    assert [len(c) for c in engine.calls] == [12, 6, 6]
+    if schedule == "lockstep":  # one engine call per round, holding every tree's requests
+        assert [len(c) for c in engine.calls] == [12, 6, 6]
+    else:  # round 1 together, then each tree's rounds as they come: 2 requests a tree a round
+        assert len(engine.calls[0]) == 12 and sum(map(len, engine.calls)) == 24
+        assert all(len(c) % 2 == 0 for c in engine.calls)
     assert reward_calls and sum(reward_calls) <= 3 * 8  # truncated leaves skip the reward function
     leaves = f.is_leaf
     for t in range(3):
@@ -72,7 +87,7 @@ def test_ib_rounds_shape_and_accounting(tiny):
     assert not np.isnan(f.reward[leaves]).any()
     # Round-2+ requests continue from a prefix of an existing node, never regenerating it.
     prefixes = {tuple(f.prefix_tokens(v)) for v in range(len(f)) if not leaves[v]}
-    for req in engine.calls[1] + engine.calls[2]:
+    for req in sum(engine.calls[1:], []):
         assert tuple(req.prefix_ids) in prefixes
     assert rollout.metrics["rollout/prefix_cache_hit_rate"] > 0.5
     assert rollout.metrics["tree/trajectories"] == 8
@@ -103,7 +118,8 @@ def test_pick_follows_ib_score_and_tie_rules(tiny):
     f.set_reward(a[-1], 1.0)
     f.set_reward(b[-1], 0.0)
     ib = walk(f).ib_score
-    picked = [br.node for br in sampler._pick(f, np.zeros(1, np.int64))]
+    batch = _Batch(f, [0], [0], np.zeros(1, np.int64), np.zeros(1, np.int64))
+    picked = [br.node for br in sampler._next_round(batch, [0], 1)]
     inner = [v for v in range(len(f)) if f.num_children[v] > 0]
     depth = f.depth()
     want = sorted(inner, key=lambda v: (-ib[v], depth[v], v))[:2]
@@ -123,7 +139,7 @@ def test_other_strategies_branch(tiny, strategy):
     problems = make_split("train", 2)
     sampler, engine, _ = make_sampler(tiny, problems, strategy=strategy, tree=TreeSpec(2, 3, 1, 1))
     f = sampler.sample(prompts_of(tiny[1], problems)).forest
-    assert len(engine.calls) == 3 and int(f.is_leaf.sum()) == 2 * 4
+    assert sum(map(len, engine.calls)) == 2 * 4 and int(f.is_leaf.sum()) == 2 * 4
 
 
 def test_token_budget_stops_branching(tiny):
@@ -200,3 +216,79 @@ def test_timing_parts_sum_to_the_call(tiny):
     parts = m["timing/rollout"] + m["timing/reward"] + m["timing/walk"]
     assert min(m["timing/rollout"], m["timing/reward"], m["timing/walk"]) > 0
     assert parts == pytest.approx(wall, rel=0.05)
+
+
+def grow(tiny, problems, schedule, engine, **kw):
+    model, tok = tiny
+
+    def reward_fn(rows, responses):
+        texts = tok.batch_decode([r.tolist() for r in responses], skip_special_tokens=True)
+        return [compute_score("arithmetic", t, problems[i].answer) for i, t in zip(rows, texts)]
+
+    cfg = SamplerConfig(max_new_tokens=64, stop_token_ids=(tok.eos_token_id,), step_delimiter=STEP_DELIMITER,
+                        schedule=schedule, seed=3, **kw)
+    return IBTreeSampler(engine, tok, reward_fn, cfg).sample(prompts_of(tok, problems))
+
+
+def same_tree(a, b, t: int) -> bool:
+    fa, ia = a.forest.trees_only([t])
+    fb, ib = b.forest.trees_only([t])
+    return (np.array_equal(fa.parent, fb.parent) and np.array_equal(fa.tokens, fb.tokens)
+            and np.array_equal(fa.reward, fb.reward, equal_nan=True)
+            and a.generated_tokens[t] == b.generated_tokens[t])
+
+
+@pytest.mark.parametrize("kw", [dict(strategy="ib", tree=TreeSpec(3, 4, 1, 1)), dict(strategy="random", tree=TreeSpec(2, 4, 2, 1)),
+                                dict(strategy="entropy", tree=TreeSpec(2, 3, 1, 2)), dict(tree=TreeSpec(2, 5, 1, 1), token_budget=60)])
+def test_continuous_grows_the_lockstep_forest(tiny, kw):
+    """Continuous and lock-step schedules grow the same trees: same picks, rounds, tokens, rewards and
+    accounting. Requests decoded one at a time from scratch make tokens a function of prefix and seed
+    alone, so the two must agree exactly."""
+    problems = make_split("train", 3)
+    exact = {s: grow(tiny, problems, s, TorchEngine(tiny[0], use_cache=False, max_batch_size=1), **kw)
+             for s in ("lockstep", "continuous")}
+    a, b = exact["lockstep"], exact["continuous"]
+    assert all(same_tree(a, b, t) for t in range(len(problems)))
+    assert np.array_equal(a.forest.tokens, b.forest.tokens)  # both in tree-major order
+    assert a.finish_reason == b.finish_reason
+    for key in ("tree/trajectories", "tree/generated_tokens", "critic/score/mean", "tree/eff_rate"):
+        assert a.metrics[key] == b.metrics[key], key
+
+
+def test_continuous_with_the_batched_cached_engine(tiny):
+    """With the default engine (batched, cached), a tree draws its own seeds in either schedule: trees
+    agree but where batch-shape rounding flips a sampled token, which is rare."""
+    problems = make_split("train", 6)
+    runs = {s: grow(tiny, problems, s, TorchEngine(tiny[0]), tree=TreeSpec(4, 4, 1, 1)) for s in ("lockstep", "continuous")}
+    a, b = runs["lockstep"], runs["continuous"]
+    assert sum(same_tree(a, b, t) for t in range(len(problems))) >= len(problems) - 1
+    assert a.metrics["tree/trajectories"] == b.metrics["tree/trajectories"] == 7
+
+
+def test_a_tree_samples_the_same_in_any_batch(tiny):
+    """Seeds come from the tree's id and branch number: a tree grown alone, or in another batch
+    position with the same id, draws what it draws in the full batch."""
+    problems = make_split("train", 3)
+    model, tok = tiny
+    engine = TorchEngine(model, use_cache=False, max_batch_size=1)
+    cfg = SamplerConfig(max_new_tokens=64, stop_token_ids=(tok.eos_token_id,), step_delimiter=STEP_DELIMITER,
+                        tree=TreeSpec(2, 3, 1, 1))
+    sampler = IBTreeSampler(engine, tok, lambda rows, responses: [0.5] * len(rows), cfg)
+    prompts = prompts_of(tok, problems)
+    full = sampler.sample(prompts, tree_ids=[10, 11, 12])
+    alone = sampler.sample(prompts[2:], tree_ids=[12])
+    assert np.array_equal(full.forest.trees_only([2])[0].tokens, alone.forest.tokens)
+    fresh = sampler.sample(prompts[2:])  # default ids count the trees grown so far: new samples
+    assert not np.array_equal(fresh.forest.tokens, alone.forest.tokens)
+    with pytest.raises(ValueError, match="2 tree ids for 1 prompts"):
+        sampler.sample(prompts[:1], tree_ids=[1, 2])
+
+
+def test_continuous_needs_a_streaming_engine(tiny):
+    class GenerateOnly:
+        def generate(self, requests):
+            raise AssertionError("not reached")
+
+    with pytest.raises(TypeError, match="schedule='lockstep'"):
+        IBTreeSampler(GenerateOnly(), tiny[1], lambda rows, responses: [], SamplerConfig())
+    IBTreeSampler(GenerateOnly(), tiny[1], lambda rows, responses: [], SamplerConfig(schedule="lockstep"))

@@ -1,4 +1,5 @@
 """SGLangEngine against a stand-in `sglang` module: what the adapter sends and how it reads answers."""
+import asyncio
 import sys
 import types
 
@@ -17,13 +18,23 @@ class FakeSGLangEngine:
     def __init__(self, **kwargs):
         self.init_kwargs = kwargs
         self.generate_calls = []
+        self.async_calls = []
         self.weight_calls = []
         self.flushes = 0
         self.answers = []
+        self.loop = asyncio.new_event_loop()  # sglang.Engine runs its tokenizer manager on its own loop
 
     def generate(self, **kwargs):
         self.generate_calls.append(kwargs)
         return self.answers
+
+    async def async_generate(self, **kwargs):
+        """One request; it takes as many loop turns as it has prefix tokens, so short prefixes finish first."""
+        self.async_calls.append(kwargs)
+        for _ in kwargs["input_ids"]:
+            await asyncio.sleep(0)
+        n = kwargs["sampling_params"]["max_new_tokens"]
+        return answer([len(kwargs["input_ids"])] * n, [-0.5] * n, {"type": "length", "length": n}, 0)
 
     def update_weights_from_tensor(self, named_tensors, load_format=None, flush_cache=True):
         self.weight_calls.append(([name for name, _ in named_tensors], flush_cache))
@@ -135,3 +146,35 @@ def test_missing_sglang_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "sglang", None)  # makes `import sglang` fail
     with pytest.raises(ImportError, match=r"pip install ibtpo_fast\[sglang\]"):
         SGLangEngine("m")
+
+
+def test_streaming_submits_async_requests_and_returns_them_as_they_finish(fake_sglang):
+    engine = SGLangEngine("m")
+    assert engine.poll() == [] and engine.in_flight == 0
+    long_ids, short_ids = list(range(1, 40)), [1, 2]
+    handles = engine.submit([Request(long_ids, 3, SamplingParams(seed=5)), Request(short_ids, 2)])
+    assert engine.in_flight == 2
+    first = engine.poll()
+    assert [h for h, _ in first] == [handles[1]]  # the short prefix finished first
+    np.testing.assert_array_equal(first[0][1].token_ids, [2, 2])
+    late = engine.submit([Request([7], 1)])  # joins while the long one is still running
+    seen = dict(first)
+    while engine.in_flight:
+        seen.update(engine.poll())
+    assert set(seen) == {*handles, *late} and len(seen[handles[0]].token_ids) == 3
+    sent = engine.engine.async_calls
+    assert all(call["return_logprob"] is True and EVERY_SAMPLING_PARAM <= set(call["sampling_params"]) for call in sent)
+    assert sent[0]["sampling_params"]["sampling_seed"] == 5 and sent[0]["input_ids"] == long_ids
+
+
+def test_generate_and_flush_refuse_while_streamed_requests_run(fake_sglang):
+    engine = SGLangEngine("m")
+    engine.submit([Request([1, 2], 2)])
+    with pytest.raises(RuntimeError, match="in flight"):
+        engine.generate([Request([1], 1)])
+    with pytest.raises(RuntimeError, match="in flight"):
+        engine.flush_cache()
+    while engine.in_flight:
+        engine.poll()
+    engine.flush_cache()
+    assert engine.engine.flushes == 1

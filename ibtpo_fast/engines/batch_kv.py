@@ -59,6 +59,36 @@ class BatchKV(Cache):
         self.rows += len(sources)
         self.focus(0, self.rows, self.cursor)
 
+    def merge(self, other: BatchKV) -> None:
+        """Append `other`'s rows (requests admitted while this batch decodes), aligned so that every row
+        ends at the cursor. In place when the buffer has spare rows and `other`'s rows fit left of the
+        cursor; otherwise one new buffer, with room for as many rows again."""
+        mine, theirs = self.cursor - self.start, other.cursor - other.start
+        rows = self.rows + other.rows
+        if theirs > self.cursor or rows > self.buffer.shape[2]:
+            self._regrow(max(mine, theirs), 2 * rows)
+        first = self.cursor - theirs  # other's live columns end at the cursor; everything left of them is pad
+        new = self.buffer.narrow(2, self.rows, other.rows)
+        new.narrow(4, 0, first).zero_()
+        new.narrow(4, first, theirs).copy_(other.buffer[:, :, : other.rows, :, other.start : other.cursor])
+        self.pads = torch.cat([self.pads, other.pads + (first - other.start)])
+        self.rows = rows
+        self.start = int(self.pads.min())
+        self.focus(0, self.rows, self.cursor)
+
+    def _regrow(self, live: int, row_capacity: int) -> None:
+        """A new buffer holding `row_capacity` rows, this batch's live columns moved to end at column `live`."""
+        mine = self.cursor - self.start
+        shape = list(self.buffer.shape)
+        shape[2] = row_capacity
+        shape[4] = live + max(self.buffer.shape[4] - self.cursor, _MIN_GROWTH)
+        grown = torch.empty(shape, dtype=self.buffer.dtype, device=self.buffer.device)
+        grown[:, :, : self.rows, :, : live - mine].zero_()
+        grown[:, :, : self.rows, :, live - mine : live] = self.buffer[:, :, : self.rows, :, self.start : self.cursor]
+        self.buffer = grown
+        self.pads += live - mine - self.start
+        self.cursor, self.start = live, live - mine
+
     def remove(self, dead: list[int]) -> list[int]:
         """Drop rows `dead` by moving the last live rows into their places; returns, for each remaining
         row, the row it was before."""

@@ -56,8 +56,36 @@ class Completion:
 
 @runtime_checkable
 class Engine(Protocol):
+    """Streaming: `submit` queues requests at any time (they join the running batch between decode steps)
+    and `poll` returns (handle, completion) pairs as requests finish. `generate` is the simple form."""
+
+    def submit(self, requests: Sequence[Request]) -> list[int]: ...
+
+    def poll(self) -> list[tuple[int, Completion]]: ...
+
+    @property
+    def in_flight(self) -> int: ...
+
     def generate(self, requests: Sequence[Request]) -> list[Completion]: ...
 
     def update_weights(self, named_tensors: Mapping[str, Any] | None = None) -> None: ...
 
     def flush_cache(self) -> None: ...
+
+
+def generate_by_polling(engine: Engine, requests: Sequence[Request]) -> list[Completion]:
+    """`generate` on top of `submit` and `poll`: every completion, in request order. Other requests must
+    not be in flight, since their completions would have nowhere to go."""
+    if engine.in_flight:
+        raise RuntimeError(f"generate() with {engine.in_flight} streamed requests in flight; poll them first")
+    slot = {handle: i for i, handle in enumerate(engine.submit(requests))}
+    out: list[Completion | None] = [None] * len(requests)
+    remaining = len(requests)
+    while remaining:
+        finished = engine.poll()
+        if not finished:
+            raise RuntimeError("the engine stopped with requests unfinished")
+        for handle, completion in finished:
+            out[slot[handle]] = completion
+        remaining -= len(finished)
+    return out  # type: ignore[return-value]

@@ -8,6 +8,7 @@ SGLANG_RETURN_ORIGINAL_LOGPROB unset).
 """
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -30,8 +31,36 @@ class SGLangEngine:
             raise MissingExtraError(_INSTALL_HINT) from error
         self.engine = sglang.Engine(model_path=model_path, **engine_kwargs)
         self.weight_bucket_bytes = weight_bucket_bytes
+        self._tasks: dict[int, asyncio.Task] = {}  # handle -> async_generate task on the engine's loop
+        self._next_handle = 0
+
+    def submit(self, requests: Sequence[Request]) -> list[int]:
+        """One `async_generate` task a request, on the engine's own event loop: SGLang's scheduler batches
+        the requests in flight by itself. They are sent when `poll` next runs the loop."""
+        handles = list(range(self._next_handle, self._next_handle + len(requests)))
+        self._next_handle += len(requests)
+        for handle, request in zip(handles, requests):
+            self._tasks[handle] = self.engine.loop.create_task(self.engine.async_generate(
+                input_ids=[int(t) for t in request.prefix_ids], sampling_params=sampling_params(request),
+                return_logprob=True))
+        return handles
+
+    def poll(self) -> list[tuple[int, Completion]]:
+        """Run the engine's loop until at least one request finishes; the (handle, completion) pairs that did."""
+        if not self._tasks:
+            return []
+        self.engine.loop.run_until_complete(asyncio.wait(self._tasks.values(), return_when=asyncio.FIRST_COMPLETED))
+        done = [h for h, task in self._tasks.items() if task.done()]
+        return [(h, to_completion(self._tasks.pop(h).result(), h)) for h in done]
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._tasks)
 
     def generate(self, requests: Sequence[Request]) -> list[Completion]:
+        """One batched `generate` call, the offline engine's own simple form."""
+        if self._tasks:
+            raise RuntimeError(f"generate() with {len(self._tasks)} streamed requests in flight; poll them first")
         if not requests:
             return []
         outputs = self.engine.generate(
@@ -50,6 +79,8 @@ class SGLangEngine:
         self.flush_cache()
 
     def flush_cache(self) -> None:
+        if self._tasks:
+            raise RuntimeError(f"flush_cache with {len(self._tasks)} requests in flight")
         self.engine.flush_cache()
 
     def shutdown(self) -> None:

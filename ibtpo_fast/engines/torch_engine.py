@@ -1,6 +1,8 @@
 """The default rollout engine: any Hugging Face causal LM, CPU or one GPU, with a radix prefix cache.
 
-One `generate` call runs all its requests as one batch. Prefixes that several requests share (an
+Requests are submitted at any time and join the running batch between decode steps (`submit`, then
+`poll` for completions as they finish; `generate` does both for one set of requests). The requests
+admitted together are prefilled together: prefixes that several requests share (an
 instruction, a system prompt, a tree's common steps) are computed once, into the radix cache, and
 count in `cached_tokens` for every request that reads them from there. Then each distinct prefix
 is matched against the cache, its cached K/V copied into a left-padded batch buffer, and only its
@@ -14,6 +16,7 @@ from __future__ import annotations
 import inspect
 import itertools
 import random
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -25,7 +28,7 @@ import torch
 from ibtpo_fast.attention_impl import attention_implementation, head_dim
 from ibtpo_fast.engines.batch_kv import BatchKV
 from ibtpo_fast.engines.decode_attention import DECODE_ATTENTION
-from ibtpo_fast.engines.protocol import Completion, Request
+from ibtpo_fast.engines.protocol import Completion, Request, generate_by_polling
 from ibtpo_fast.engines.radix_cache import PrefixMatch, RadixCache, common_prefix_length
 from ibtpo_fast.engines.token_sampler import TokenSampler
 
@@ -82,6 +85,18 @@ class _Row:
         )
 
 
+@dataclass
+class _Running:
+    """The decoding batch: its rows, their K/V, the logits of each row's next token, their sampler."""
+
+    rows: list[_Row]
+    kv: BatchKV
+    logits: torch.Tensor  # of each row's next token, unless `pending` still has to run
+    sampler: TokenSampler
+    pending: torch.Tensor | None = None  # the tokens sampled last step, not yet run through the model
+    stale_sampler: bool = False  # rows left since the sampler was built
+
+
 @contextmanager
 def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
     was_training = model.training
@@ -126,6 +141,9 @@ class TorchEngine:
         self._read_config(model.config.get_text_config())
         forward_args = inspect.signature(model.forward).parameters
         self._cache_arg = "cache" if "cache" in forward_args else "past_key_values"
+        self._queue: list[tuple[int, Request]] = []  # submitted, waiting for room in the batch
+        self._running: _Running | None = None
+        self._next_handle = 0
         self.reset_stats()
 
     def _read_config(self, config) -> None:
@@ -146,16 +164,34 @@ class TorchEngine:
 
     # ---- Engine protocol -------------------------------------------------------------------------
 
-    def generate(self, requests: Sequence[Request]) -> list[Completion]:
+    def submit(self, requests: Sequence[Request]) -> list[int]:
+        """Queue `requests`; they join the running batch at the next decode step. Returns their handles."""
         self._validate(requests)
-        results: list[Completion | None] = [None] * len(requests)
-        wave = self.max_batch_size or max(len(requests), 1)
+        handles = list(range(self._next_handle, self._next_handle + len(requests)))
+        self._next_handle += len(requests)
+        self._queue.extend(zip(handles, requests))
+        return handles
+
+    def poll(self) -> list[tuple[int, Completion]]:
+        """Decode until at least one request finishes; the (handle, completion) pairs that did.
+        Empty when nothing is queued or running."""
         with torch.inference_mode(), _eval_mode(self.model):
-            for start in range(0, len(requests), wave):
-                slots = range(start, min(start + wave, len(requests)))
-                for slot, completion in self._run_batch(requests, slots):
-                    results[slot] = completion
-        return results  # type: ignore[return-value]
+            while self._queue or self._running is not None:
+                t0 = time.perf_counter()
+                done = self._step()
+                self._counts["decode_seconds"] += time.perf_counter() - t0
+                self._counts["decode_steps"] += 1
+                if done:
+                    return done
+        return []
+
+    @property
+    def in_flight(self) -> int:
+        """Requests submitted and not yet returned by `poll`."""
+        return len(self._queue) + (len(self._running.rows) if self._running is not None else 0)
+
+    def generate(self, requests: Sequence[Request]) -> list[Completion]:
+        return generate_by_polling(self, requests)
 
     def update_weights(
         self, named_tensors: Mapping[str, Any] | Iterable[tuple[str, Any]] | None = None
@@ -170,18 +206,23 @@ class TorchEngine:
         self.flush_cache()
 
     def flush_cache(self) -> None:
+        if self.in_flight:
+            raise RuntimeError(f"flush_cache with {self.in_flight} requests in flight: their K/V would mix weights")
         self.cache.reset()
 
     # ---- statistics ------------------------------------------------------------------------------
 
     def stats(self) -> dict[str, float]:
-        """Counters since the last reset; prefill_tokens counts prefix tokens actually computed."""
+        """Counters since the last reset: prefill_tokens counts prefix tokens actually computed,
+        decode_tokens the rows of all decode steps; admit_seconds is spent prefilling requests that join
+        the batch, decode_seconds in decode steps (sampling, stop tests, the forward)."""
         counts = self._counts
         rate = counts["cached_tokens"] / counts["prefix_tokens"] if counts["prefix_tokens"] else 0.0
         return {"prefix_cache_hit_rate": rate, **counts, "cache_size_tokens": self.cache.num_tokens}
 
     def reset_stats(self) -> None:
-        self._counts = dict.fromkeys(("prefix_tokens", "cached_tokens", "prefill_tokens", "decode_tokens"), 0)
+        self._counts = dict.fromkeys(("prefix_tokens", "cached_tokens", "prefill_tokens", "decode_tokens", "decode_steps",
+                                      "admit_seconds", "decode_seconds"), 0)
 
     # ---- one batch -------------------------------------------------------------------------------
 
@@ -197,47 +238,73 @@ class TorchEngine:
             if request.stop_strings and self.tokenizer is None:
                 raise ValueError(f"request {i}: stop_strings need TorchEngine(..., tokenizer=...)")
 
-    def _run_batch(self, requests: Sequence[Request], slots: range) -> Iterator[tuple[int, Completion]]:
-        prefixes, owners = self._distinct_prefixes(requests, slots)
+    def _admit(self) -> None:
+        """Move queued requests into the batch, as many as `max_batch_size` leaves room for: prefill them
+        together (shared prefixes computed once, identical ones once), then merge them into the running rows."""
+        live = len(self._running.rows) if self._running else 0
+        room = len(self._queue) if self.max_batch_size is None else self.max_batch_size - live
+        if not self._queue or room <= 0:
+            return
+        # With a batch running, requests that only need their last prefix token run join the next decode step
+        queue = [q for q in self._queue if not (live and self._can_join(q[1]))]
+        if not queue:
+            return
+        admitted = queue[:room]
+        taken = {h for h, _ in admitted}
+        self._queue = [q for q in self._queue if q[0] not in taken]
+        t0 = time.perf_counter()
+        rows, kv, logits = self._start_rows(admitted)
+        self._counts["admit_seconds"] += time.perf_counter() - t0
+        if self._running is None:
+            self._running = _Running(rows, kv, logits, self._token_sampler(rows, logits))
+            return
+        run = self._running
+        run.kv.merge(kv)
+        run.rows += rows
+        run.logits = torch.cat([run.logits, logits])
+        run.sampler = self._token_sampler(run.rows, run.logits)
+
+    def _start_rows(self, admitted: list[tuple[int, Request]]) -> tuple[list[_Row], BatchKV, torch.Tensor]:
+        """Rows for `admitted`, their prefixes' K/V in a new batch buffer and their first logits."""
+        requests = [r for _, r in admitted]
+        prefixes, owners = self._distinct_prefixes(requests)
         if self.use_cache:
             self._cache_shared_prefixes(prefixes)
         # The last prefix token is always run, for the logits of the first new token.
         matches = [self.cache.match_prefix(ids[:-1]) if self.use_cache else _NO_MATCH for ids in prefixes]
         locked = [m.node for m in matches if m.length]
-        for node in locked:
+        for node in locked:  # held while their K/V is copied into the batch
             self.cache.lock(node)
         try:
-            room = max(requests[s].max_new_tokens for s in slots)
-            kv, logits, order = self._prefill(prefixes, matches, len(slots), room)
-            rows = [self._new_row(requests, owners[u][0], prefixes[u], matches[u].length) for u in order]
-            sources = []  # further samples of a prefix continue a copy of its row, computing nothing
-            for r, u in enumerate(order):
-                for slot in owners[u][1:]:
-                    rows.append(self._new_row(requests, slot, prefixes[u], len(prefixes[u])))
-                    sources.append(r)
-            if sources:
-                kv.add_copies(sources)
-                logits = torch.cat([logits, logits[sources]])
-            for row in rows:
-                self._counts["prefix_tokens"] += len(row.ids)
-                self._counts["cached_tokens"] += row.cached_tokens
-            yield from self._decode(rows, kv, logits)
+            room = max(r.max_new_tokens for r in requests)
+            kv, logits, order = self._prefill(prefixes, matches, len(requests), room)
         finally:
             for node in locked:
                 self.cache.unlock(node)
+        rows = [self._new_row(admitted[owners[u][0]], prefixes[u], matches[u].length) for u in order]
+        sources = []  # further samples of a prefix continue a copy of its row, computing nothing
+        for r, u in enumerate(order):
+            for i in owners[u][1:]:
+                rows.append(self._new_row(admitted[i], prefixes[u], len(prefixes[u])))
+                sources.append(r)
+        if sources:
+            kv.add_copies(sources)
+            logits = torch.cat([logits, logits[sources]])
+        for row in rows:
+            self._counts["prefix_tokens"] += len(row.ids)
+            self._counts["cached_tokens"] += row.cached_tokens
+        return rows, kv, logits
 
-    def _distinct_prefixes(
-        self, requests: Sequence[Request], slots: range
-    ) -> tuple[list[list[int]], list[list[int]]]:
-        """Distinct prefixes and the requests of each: identical prefixes (several samples of one prompt)
-        are prefilled once. Without the cache every request computes its own."""
+    def _distinct_prefixes(self, requests: Sequence[Request]) -> tuple[list[list[int]], list[list[int]]]:
+        """Distinct prefixes and the requests (indices into `requests`) of each: identical prefixes (several
+        samples of one prompt) are prefilled once. Without the cache every request computes its own."""
         owners: dict[tuple[int, ...] | int, list[int]] = {}
         prefixes: dict[tuple[int, ...] | int, list[int]] = {}
-        for slot in slots:
-            ids = [int(t) for t in requests[slot].prefix_ids]
-            key = tuple(ids) if self.use_cache else slot
+        for i, request in enumerate(requests):
+            ids = [int(t) for t in request.prefix_ids]
+            key = tuple(ids) if self.use_cache else i
             prefixes.setdefault(key, ids)
-            owners.setdefault(key, []).append(slot)
+            owners.setdefault(key, []).append(i)
         return list(prefixes.values()), list(owners.values())
 
     def _cache_shared_prefixes(self, prefixes: list[list[int]]) -> None:
@@ -254,14 +321,14 @@ class TorchEngine:
         for row, u in enumerate(order):
             self.cache.insert(shared[u], kv.row_kv(row, len(shared[u])))
 
-    def _new_row(self, requests: Sequence[Request], slot: int, ids: list[int], cached: int) -> _Row:
-        request = requests[slot]
+    def _new_row(self, admitted: tuple[int, Request], ids: list[int], cached: int) -> _Row:
+        handle, request = admitted
         seed = request.sampling.seed
         if seed is None:
             seed = int(torch.randint(0, 2**62, ()))  # follows torch.manual_seed
         limit = min(request.max_new_tokens, self.max_positions - len(ids) + 1)
         stop_ids = frozenset(int(t) for t in request.stop_token_ids)
-        return _Row(request, slot, ids, cached, random.Random(seed), limit, stop_ids)
+        return _Row(request, handle, ids, cached, random.Random(seed), limit, stop_ids)
 
     def _prefill(self, prefixes: list[list[int]], matches: list[PrefixMatch], batch: int, room: int):
         """Copy each prefix's cached K/V into a buffer with rows for the whole `batch` and run the rest;
@@ -350,36 +417,84 @@ class TorchEngine:
             )
         return out.logits[:, -1]
 
-    def _decode(
-        self, rows: list[_Row], kv: BatchKV, logits: torch.Tensor
-    ) -> Iterator[tuple[int, Completion]]:
-        device = self._device()
-        vocab = logits.shape[1]
-        sampler = TokenSampler([row.request.sampling for row in rows], vocab, device)
-        while True:
-            uniforms = torch.tensor([row.rng.random() for row in rows], dtype=torch.float32, device=device)
-            tokens, logprobs, entropies = sampler.sample(logits, uniforms)
-            host = torch.stack([tokens.double(), logprobs.double(), entropies.double()]).cpu().tolist()
-            self._counts["decode_tokens"] += len(rows)
-            finished = []
-            for i, row in enumerate(rows):
-                reason = row.add(int(host[0][i]), host[1][i], host[2][i], self.tokenizer)
-                if reason is None:
-                    continue
-                finished.append(i)
-                if self.use_cache:  # the last token was sampled but never run, so it has no K/V yet
-                    n = len(row.ids) + len(row.tokens) - 1
-                    self.cache.insert(row.ids + row.tokens[:-1], kv.row_kv(i, n))
-                yield row.slot, row.completion(reason)
-            if len(finished) == len(rows):
-                return
-            if finished:
-                order = kv.remove(finished)
-                rows = [rows[i] for i in order]
-                tokens = tokens[order]
-                sampler = TokenSampler([row.request.sampling for row in rows], vocab, device)
-            kv.reserve(1)
-            logits = self._forward_decode(tokens, kv)
+    def _token_sampler(self, rows: list[_Row], logits: torch.Tensor) -> TokenSampler:
+        return TokenSampler([row.request.sampling for row in rows], logits.shape[1], logits.device)
+
+    def _step(self) -> list[tuple[int, Completion]]:
+        """One decode step: run the tokens sampled last step (with queued branches joining), admit queued
+        requests that need a prefill, sample every row's next token and retire the rows that finished
+        (their K/V into the prefix cache). Completions return before their batch runs on, so that work
+        submitted in answer to them joins the very next forward."""
+        run = self._running
+        if run is not None and run.pending is not None:
+            tokens, run.pending = run.pending, None
+            joined = self._join(run)
+            if joined is not None:
+                tokens = torch.cat([tokens, joined])
+            run.kv.reserve(1)
+            run.logits = self._forward_decode(tokens, run.kv)
+            if run.stale_sampler or joined is not None:
+                run.sampler, run.stale_sampler = self._token_sampler(run.rows, run.logits), False
+        self._admit()
+        run = self._running
+        if run is None:
+            return []
+        uniforms = torch.tensor([row.rng.random() for row in run.rows], dtype=torch.float32, device=run.logits.device)
+        tokens, logprobs, entropies = run.sampler.sample(run.logits, uniforms)
+        host = torch.stack([tokens.double(), logprobs.double(), entropies.double()]).cpu().tolist()
+        self._counts["decode_tokens"] += len(run.rows)
+        finished, done = [], []
+        for i, row in enumerate(run.rows):
+            reason = row.add(int(host[0][i]), host[1][i], host[2][i], self.tokenizer)
+            if reason is None:
+                continue
+            finished.append(i)
+            if self.use_cache:  # the last token was sampled but never run, so it has no K/V yet
+                n = len(row.ids) + len(row.tokens) - 1
+                self.cache.insert(row.ids + row.tokens[:-1], run.kv.row_kv(i, n))
+            done.append((row.slot, row.completion(reason)))
+        if len(finished) == len(run.rows):
+            self._running = None
+            return done
+        if finished:
+            order = run.kv.remove(finished)
+            run.rows = [run.rows[i] for i in order]
+            tokens = tokens[order]
+            run.stale_sampler = True
+        run.pending = tokens
+        return done
+
+    def _can_join(self, request: Request) -> bool:
+        n = len(request.prefix_ids)
+        return self.use_cache and n > 1 and self.cache.match_prefix([int(t) for t in request.prefix_ids[:-1]]).length == n - 1
+
+    def _join(self, run: _Running) -> torch.Tensor | None:
+        """Queued requests whose prefix the cache holds but for its last token (a tree's branches) join this
+        decode step instead of a prefill of their own: their cached K/V is copied into the batch and their
+        last prefix token runs with the rows' sampled tokens. Returns those tokens, or None if none joined."""
+        if not (self.use_cache and self._queue):
+            return None
+        room = len(self._queue) if self.max_batch_size is None else self.max_batch_size - len(run.rows)
+        joining, waiting = [], []
+        for handle, request in self._queue:
+            ids = [int(t) for t in request.prefix_ids]
+            match = self.cache.match_prefix(ids[:-1]) if len(joining) < room and len(ids) > 1 else _NO_MATCH
+            (joining if match.length == len(ids) - 1 > 0 else waiting).append((handle, request, ids, match))
+        if not joining:
+            return None
+        self._queue = [(h, r) for h, r, _, _ in waiting]
+        width = max(len(ids) - 1 for _, _, ids, _ in joining)
+        shape = (self.n_layers, 2, len(joining), self.kv_heads, width, self.head_dim)
+        kv = BatchKV(shape, [width - len(ids) + 1 for _, _, ids, _ in joining], width, self._dtype(), self._device())
+        for r, (_, _, ids, match) in enumerate(joining):
+            self._copy_cached(kv, r, match, len(ids) - 1)
+        run.kv.merge(kv)
+        for handle, request, ids, _ in joining:
+            run.rows.append(self._new_row((handle, request), ids, len(ids) - 1))
+            self._counts["prefix_tokens"] += len(ids)
+            self._counts["cached_tokens"] += len(ids) - 1
+            self._counts["prefill_tokens"] += 1
+        return torch.tensor([ids[-1] for _, _, ids, _ in joining], device=run.logits.device)
 
     def _forward_decode(self, tokens: torch.Tensor, kv: BatchKV) -> torch.Tensor:
         columns = torch.arange(kv.start, kv.cursor + 1, device=tokens.device)
