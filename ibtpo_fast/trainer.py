@@ -148,6 +148,7 @@ class Trainer:
 
     def rollout(self, indices: Sequence[int]) -> Rollout:
         """One tree for each training row in `indices`, each response graded against its own row."""
+        self.model.eval()  # for the whole rollout, not once per engine poll; the update switches back
         return self.sampler.sample([self.train_prompts[i] for i in indices], [self.task.train[i] for i in indices])
 
     def step(self) -> dict[str, float]:

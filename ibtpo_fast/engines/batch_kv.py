@@ -115,13 +115,12 @@ class BatchKV(Cache):
         capacity = self.buffer.shape[4]
         if self.cursor + columns <= capacity:
             return
-        shape = list(self.buffer.shape)
-        shape[2] = self.rows
+        shape = list(self.buffer.shape)  # the spare rows stay, for requests that join later
         shape[4] = self.cursor - self.start + max(columns, _MIN_GROWTH, capacity // 2)
         grown = torch.empty(shape, dtype=self.buffer.dtype, device=self.buffer.device)
         # Live columns move to the front; later columns are written before they are read.
         live = self.cursor - self.start
-        grown[..., :live, :] = self.buffer[:, :, : self.rows, :, self.start : self.cursor]
+        grown[:, :, : self.rows, :, :live] = self.buffer[:, :, : self.rows, :, self.start : self.cursor]
         self.buffer = grown
         self.pads -= self.start
         self.cursor -= self.start

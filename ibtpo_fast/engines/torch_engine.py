@@ -99,12 +99,16 @@ class _Running:
 
 @contextmanager
 def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    was_training = model.training
+    """The model in eval mode inside the block. Switching walks every module, which costs as much as a
+    decode step of a small model: callers that poll often put the model in eval mode themselves."""
+    if not model.training:
+        yield
+        return
     model.eval()
     try:
         yield
     finally:
-        model.train(was_training)
+        model.train()
 
 
 class TorchEngine:
