@@ -122,6 +122,11 @@ PRESETS: dict[str, dict[str, Any]] = {
                      "algo.entropy_coef": 0.001},
     "random_tree": {"rollout.strategy": "random", "algo.lam": 0.0},
     "entropy_tree": {"rollout.strategy": "entropy", "algo.lam": 0.0},
+    # The component ablation (paper, Table 2): each component of IB-TPO alone, or another branching rule
+    "ibtree_grpo_adv": {"algo.lam": 0.0},  # IBTree sampling, GRPO's advantages
+    "grpo_ib_adv": {"rollout.strategy": "independent", "rollout.tree": "8,1,1,1"},  # IB-TPO advantages, independent samples
+    "random_tree_ib_adv": {"rollout.strategy": "random"},
+    "entropy_tree_ib_adv": {"rollout.strategy": "entropy"},
 }
 
 # Keys with a fixed set of values; each module that implements the choice owns its names (imported

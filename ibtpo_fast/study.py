@@ -198,6 +198,63 @@ def plot(by_preset: dict[str, list[Run]], out_dir: Path) -> list[Path]:
     return [*written, out_dir / "training_dynamics.png"]
 
 
+# ---------------------------------------------------------------- branching strategies, sampling only
+
+# The paper's Table 3 on our workload: the same budget under each branching rule, from the starting model.
+SAMPLING_ARMS = {
+    "independent G=8": ["preset=grpo"],
+    "independent G=12": ["preset=grpo", "rollout.tree=12,1,1,1"],
+    "random tree (4,9,1,1)": ["preset=random_tree"],
+    "entropy tree (4,9,1,1)": ["preset=entropy_tree"],
+    "IB tree (4,9,1,1)": ["preset=ibtpo"],
+}
+
+
+def sampling_table(problems: int, overrides: Sequence[str]) -> str:
+    """Trees of every arm in SAMPLING_ARMS on the first `problems` training prompts, sampled from the
+    starting model: trajectories and generated tokens per tree, share of effective trees (leaf rewards
+    not all equal), mean trajectory accuracy."""
+    from ibtpo_fast.config import load_config
+
+    lines = ["| branching | trajectories per tree | tokens per tree | effective trees | trajectory accuracy | "
+             "trajectories per 1k tokens |", "|---|---|---|---|---|---|"]
+    for arm, arm_args in SAMPLING_ARMS.items():
+        trees, traj, tokens, eff, correct = _sample_arm(load_config([*arm_args, *overrides]), problems)
+        lines.append(f"| {arm} | {traj / trees:.1f} | {tokens / trees:.0f} | {100 * eff / trees:.1f}% | "
+                     f"{100 * correct / traj:.1f}% | {1000 * traj / tokens:.1f} |")
+    return f"{trees} training problems, one tree each, sampled from the starting model.\n\n" + "\n".join(lines) + "\n"
+
+
+def _sample_arm(cfg, problems: int, chunk: int = 128) -> tuple[int, float, float, float, float]:
+    """(trees, trajectories, generated tokens, effective trees, summed leaf rewards) of one arm."""
+    from ibtpo_fast.data import encode_prompt
+    from ibtpo_fast.engines.torch_engine import TorchEngine
+    from ibtpo_fast.loading import load_policy, load_task, resolve_device, stop_token_ids
+    from ibtpo_fast.sampler import IBTreeSampler
+    from ibtpo_fast.trainer import sampler_config
+
+    d = cfg.data
+    task = load_task(d.task, train_files=d.train_files, val_files=d.val_files, val_size=1, reward_fn=d.reward_fn,
+                     reward_workers=d.reward_workers)
+    model, tok = load_policy(cfg.model.path, resolve_device(cfg.model.device), cfg.model.dtype)
+    rows = task.train[:problems]
+    totals = np.zeros(4)
+    with task.scorer(cfg.rollout.reward_timeout_s) as scorer:
+        def reward(batch_rows, responses):
+            texts = tok.batch_decode([r.tolist() for r in responses], skip_special_tokens=True)
+            return scorer([r.data_source for r in batch_rows], texts, [r.ground_truth for r in batch_rows],
+                          [r.extra_info for r in batch_rows])
+
+        sampler = IBTreeSampler(TorchEngine(model, tokenizer=tok), tok, reward, sampler_config(cfg, stop_token_ids(model, tok)))
+        for start in range(0, len(rows), chunk):
+            part = rows[start : start + chunk]
+            m = sampler.sample([encode_prompt(r, tok, d.max_prompt_tokens) for r in part], part).metrics
+            n = len(part)
+            totals += [m["tree/trajectories"] * n, m["tree/generated_tokens"] * n, m["tree/eff_rate"] * n,
+                       m["critic/score/mean"] * m["tree/trajectories"] * n]
+    return len(rows), *totals
+
+
 # ---------------------------------------------------------------- command
 
 
@@ -210,13 +267,15 @@ def _args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
     ap.add_argument("--seeds", type=int, default=8, help="seeds 0 .. N-1 per preset")
     ap.add_argument("--out", default="runs/study")
     ap.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 1) // 2), help="runs at once")
+    ap.add_argument("--sampling", type=int, default=0, metavar="N",
+                    help="instead of training: the branching strategies on N problems, sampling only")
     args = ap.parse_args(argv)
     presets = [p for p in args.presets.split(",") if p]
     unknown = [p for p in presets if p not in PRESETS]
     if unknown or not presets:
         ap.error(f"--presets: unknown {unknown}; choose from {', '.join(PRESETS)}")
-    if args.seeds < 1 or args.jobs < 1:
-        ap.error("--seeds and --jobs must be >= 1")
+    if args.seeds < 1 or args.jobs < 1 or args.sampling < 0:
+        ap.error("--seeds and --jobs must be >= 1, --sampling >= 0")
     args.presets = presets
     return args, overrides
 
@@ -224,6 +283,13 @@ def _args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
 def main(argv: Sequence[str] | None = None) -> int:
     args, overrides = _args(argv)
     out = Path(args.out)
+    if args.sampling:
+        with user_errors_end_cleanly():
+            text = sampling_table(args.sampling, overrides)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "sampling.md").write_text(f"`python -m ibtpo_fast.study {' '.join(sys.argv[1:] if argv is None else argv)}`\n\n{text}")
+        print(text)
+        return 0
     from ibtpo_fast.config import load_config  # a bad override fails here, before any run starts
 
     with user_errors_end_cleanly():

@@ -29,6 +29,17 @@ from ibtpo_fast.update import SKIPPED, UpdateSettings, ppo_update
 from ibtpo_fast.walk import WalkResult, walk
 
 
+def sampler_config(cfg: Config, stop_ids: Sequence[int]) -> SamplerConfig:
+    """The sampler a run's config describes."""
+    r = cfg.rollout
+    return SamplerConfig(
+        strategy=r.strategy, schedule=r.schedule, tree=r.tree, max_new_tokens=r.max_new_tokens,
+        sampling=SamplingParams(r.temperature, r.top_p, r.top_k), stop_token_ids=tuple(stop_ids),
+        step_delimiter=r.step_delimiter, min_step_tokens=r.min_step_tokens, token_budget=r.token_budget or None,
+        beta=cfg.algo.beta, step_prob=cfg.algo.step_prob, seed=cfg.train.seed,
+    )
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -56,13 +67,7 @@ class Trainer:
         self.engine = TorchEngine(self.model, tokenizer=self.tokenizer, max_cache_tokens=cfg.rollout.max_cache_tokens)
         self.stop_ids = stop_token_ids(self.model, self.tokenizer)
         self.sampling = SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k)
-        self.sampler = IBTreeSampler(self.engine, self.tokenizer, self._reward, SamplerConfig(
-            strategy=cfg.rollout.strategy, schedule=cfg.rollout.schedule, tree=cfg.rollout.tree,
-            max_new_tokens=cfg.rollout.max_new_tokens,
-            sampling=self.sampling, stop_token_ids=self.stop_ids, step_delimiter=cfg.rollout.step_delimiter,
-            min_step_tokens=cfg.rollout.min_step_tokens, token_budget=cfg.rollout.token_budget or None,
-            beta=cfg.algo.beta, step_prob=cfg.algo.step_prob, seed=cfg.train.seed,
-        ))
+        self.sampler = IBTreeSampler(self.engine, self.tokenizer, self._reward, sampler_config(cfg, self.stop_ids))
         self.run_dir = Path(cfg.run.out_dir) / cfg.run.name
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.global_step = 0

@@ -40,3 +40,11 @@ def test_bad_presets_overrides_and_failed_runs(tmp_path, capsys):
     missing = ["data.task=file", f"data.train_files={tmp_path / 'absent.jsonl'}", "data.reward_fn=reward_fns:exact"]
     assert study.main(["--presets", "grpo", "--seeds", "1", "--out", str(tmp_path), "--", *missing]) == 1
     assert "grpo seed 0 failed" in capsys.readouterr().err
+
+
+def test_branching_table_sampling_only(tmp_path):
+    assert study.main(["--sampling", "3", "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "sampling.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "branching" not in line]
+    assert [r.split(" | ")[0][2:] for r in rows] == list(study.SAMPLING_ARMS)
+    assert [r.split(" | ")[1] for r in rows] == ["8.0", "12.0", "12.0", "12.0", "12.0"]  # the specs' trajectories
