@@ -303,20 +303,24 @@ SMOLLM2_SAMPLING = SamplingParams(0.7, 0.95, 20)
 SMOLLM2_EASY = ArithmeticConfig(num_ops_min=1, num_ops_max=2)
 
 
+def on_smollm2(benchmark, claim, measure) -> None:
+    """`measure` (prefix_reuse, schedules) on 32 SmolLM2 prompts of 3-5 operations, 32 new tokens,
+    the fastest of 2 interleaved rounds."""
+    model, tok, problems, prompts = smollm2_workload(2 if benchmark.disabled else 32)
+    measure(benchmark, claim, model, tok, problems, prompts, 1 if benchmark.disabled else 2,
+            max_new=4 if benchmark.disabled else 32, sampling=SMOLLM2_SAMPLING)
+
+
 @pytest.mark.slow
 @needs_smollm2
 def test_prefix_reuse_smollm2(benchmark, claim):
-    model, tok, problems, prompts = smollm2_workload(2 if benchmark.disabled else 32)
-    prefix_reuse(benchmark, claim, model, tok, problems, prompts, 1 if benchmark.disabled else 2,
-                 max_new=4 if benchmark.disabled else 32, sampling=SMOLLM2_SAMPLING)
+    on_smollm2(benchmark, claim, prefix_reuse)
 
 
 @pytest.mark.slow
 @needs_smollm2
 def test_continuous_expansion_smollm2(benchmark, claim):
-    model, tok, problems, prompts = smollm2_workload(2 if benchmark.disabled else 32)
-    schedules(benchmark, claim, model, tok, problems, prompts, 1 if benchmark.disabled else 2,
-              max_new=4 if benchmark.disabled else 32, sampling=SMOLLM2_SAMPLING)
+    on_smollm2(benchmark, claim, schedules)
 
 
 @pytest.mark.slow
