@@ -207,40 +207,35 @@ class IBTreeSampler:
         and samples are those of the lock-step schedule; only the wall time differs."""
         cfg, forest = self.cfg, batch.forest
         rounds = np.ones(forest.num_trees, np.int64)
-        waiting: dict[int, tuple[_Branch, int]] = {}  # engine handle -> (branch, its slot in the round)
-        returned: dict[int, list[Completion | None]] = {}  # tree -> its round's completions, by slot
+        waiting: dict[int, tuple[int, int]] = {}  # engine handle -> (tree, slot in the tree's round)
+        branches: dict[int, list[_Branch]] = {}  # tree -> its current round's branches
+        returned: dict[int, list[Completion | None]] = {}  # tree -> their completions, by slot
 
-        def submit(branches: list[_Branch]) -> None:
-            handles = self.engine.submit([self._request(batch, b) for b in branches])
-            batch.prefix_tokens += sum(len(forest.prefix_tokens(b.node)) for b in branches)
-            for b, h in zip(branches, handles):
-                slots = returned.setdefault(b.tree, [])
-                waiting[h] = (b, len(slots))
-                slots.append(None)
+        def submit(new: list[_Branch]) -> None:
+            requests = [self._request(batch, b) for b in new]
+            batch.prefix_tokens += sum(len(r.prefix_ids) for r in requests)
+            for b, handle in zip(new, self.engine.submit(requests)):
+                branches.setdefault(b.tree, []).append(b)
+                waiting[handle] = (b.tree, len(returned.setdefault(b.tree, [])))
+                returned[b.tree].append(None)
 
         submit([b for t, root in enumerate(forest.roots) for b in batch.branches(t, [(root, 0)], cfg.tree.B0)])
-        branches_of: dict[int, list[_Branch]] = {}
-        for b, _ in waiting.values():
-            branches_of.setdefault(b.tree, []).append(b)
         while waiting:
             done_trees = []
             for handle, completion in self.engine.poll():
-                b, slot = waiting.pop(handle)
-                returned[b.tree][slot] = completion
+                t, slot = waiting.pop(handle)
+                returned[t][slot] = completion
                 batch.cached_tokens += completion.cached_tokens
-                if all(c is not None for c in returned[b.tree]):
-                    done_trees.append(b.tree)
+                if all(c is not None for c in returned[t]):
+                    done_trees.append(t)
             if not done_trees:
                 continue
             # The round's branches attach in their order, as in lock-step, whatever order they finished in.
-            leaves = [self._attach(batch, b, c) for t in done_trees
-                      for b, c in zip(branches_of.pop(t), returned.pop(t))]
+            leaves = [self._attach(batch, b, c) for t in done_trees for b, c in zip(branches.pop(t), returned.pop(t))]
             self._score(batch, leaves)
             grow = [t for t in done_trees if rounds[t] < cfg.tree.L]
             rounds[grow] += 1
             nxt = [b for t in grow for b in self._next_round(batch, [t], int(rounds[t]) - 1)]
-            for b in nxt:
-                branches_of.setdefault(b.tree, []).append(b)
             if nxt:
                 submit(nxt)
 
