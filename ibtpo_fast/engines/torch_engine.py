@@ -250,10 +250,14 @@ class TorchEngine:
         if not self._queue or room <= 0:
             return
         # With a batch running, requests that only need their last prefix token run join the next decode step
-        queue = [q for q in self._queue if not (live and self._can_join(q[1]))]
-        if not queue:
+        admitted = []
+        for queued in self._queue:
+            if len(admitted) == room:
+                break
+            if not (live and self._can_join(queued[1])):
+                admitted.append(queued)
+        if not admitted:
             return
-        admitted = queue[:room]
         taken = {h for h, _ in admitted}
         self._queue = [q for q in self._queue if q[0] not in taken]
         t0 = time.perf_counter()
