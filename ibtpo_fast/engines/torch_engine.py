@@ -45,7 +45,7 @@ class _Row:
     """One sequence of the batch: its request, what it has produced, and its random stream."""
 
     request: Request
-    slot: int  # index of the request in the generate call
+    handle: int  # what `submit` returned for the request
     ids: list[int]  # prefix token ids
     cached_tokens: int
     rng: random.Random
@@ -254,7 +254,7 @@ class TorchEngine:
         for queued in self._queue:
             if len(admitted) == room:
                 break
-            if not (live and self._can_join(queued[1])):
+            if not (live and self._join_match([int(t) for t in queued[1].prefix_ids])):
                 admitted.append(queued)
         if not admitted:
             return
@@ -460,7 +460,7 @@ class TorchEngine:
             if self.use_cache:  # the last token was sampled but never run, so it has no K/V yet
                 n = len(row.ids) + len(row.tokens) - 1
                 self.cache.insert(row.ids + row.tokens[:-1], run.kv.row_kv(i, n))
-            done.append((row.slot, row.completion(reason)))
+            done.append((row.handle, row.completion(reason)))
         if len(finished) == len(run.rows):
             self._running = None
             return done
@@ -472,9 +472,13 @@ class TorchEngine:
         run.pending = tokens
         return done
 
-    def _can_join(self, request: Request) -> bool:
-        n = len(request.prefix_ids)
-        return self.use_cache and n > 1 and self.cache.match_prefix([int(t) for t in request.prefix_ids[:-1]]).length == n - 1
+    def _join_match(self, ids: list[int]) -> PrefixMatch | None:
+        """The cache's match of `ids` when it holds all but the last token (the request can join a decode
+        step), else None."""
+        if not (self.use_cache and len(ids) > 1):
+            return None
+        match = self.cache.match_prefix(ids[:-1])
+        return match if match.length == len(ids) - 1 else None
 
     def _join(self, run: _Running) -> torch.Tensor | None:
         """Queued requests whose prefix the cache holds but for its last token (a tree's branches) join this
@@ -486,8 +490,8 @@ class TorchEngine:
         joining, waiting = [], []
         for handle, request in self._queue:
             ids = [int(t) for t in request.prefix_ids]
-            match = self.cache.match_prefix(ids[:-1]) if len(joining) < room and len(ids) > 1 else _NO_MATCH
-            (joining if match.length == len(ids) - 1 > 0 else waiting).append((handle, request, ids, match))
+            match = self._join_match(ids) if len(joining) < room else None
+            (waiting if match is None else joining).append((handle, request, ids, match))
         if not joining:
             return None
         self._queue = [(h, r) for h, r, _, _ in waiting]
