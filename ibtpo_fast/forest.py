@@ -237,9 +237,10 @@ class Forest:
         return self.select(np.lexsort((np.arange(self._n), self.tree)))
 
     def trees_only(self, trees: Sequence[int]) -> tuple[Forest, np.ndarray]:
-        """The forest of `trees` alone (renumbered 0, 1, ... in the order given), and the new index of
-        every node (-1 for nodes of other trees)."""
-        return self.select(np.concatenate([np.flatnonzero(self.tree == t) for t in trees]))
+        """The forest of `trees` alone (renumbered 0, 1, ... in the order given), and the index here of
+        each of its nodes."""
+        nodes = np.concatenate([np.flatnonzero(self.tree == t) for t in trees])
+        return self.select(nodes)[0], nodes
 
     def select(self, order: np.ndarray) -> tuple[Forest, np.ndarray]:
         """The nodes `order` (whole trees, each tree's nodes in topological order) as a new forest, trees

@@ -290,8 +290,7 @@ class IBTreeSampler:
         strategy's score (ties: shallower, then lower index), B continuations each. Scored on a forest
         of `trees` alone: a tree's picks depend on that tree only, and other trees may be mid-round."""
         t0, cfg = time.perf_counter(), self.cfg
-        nodes = np.concatenate([np.flatnonzero(batch.forest.tree == t) for t in trees])
-        sub, _ = batch.forest.select(nodes)
+        sub, nodes = batch.forest.trees_only(trees)
         score = self._node_scores(sub, [batch.tree_ids[t] for t in trees], round_idx)
         depth = sub.depth()
         response_len = sub.response_lengths()

@@ -229,13 +229,11 @@ def _sample_arm(cfg, problems: int, chunk: int = 128) -> tuple[int, float, float
     """(trees, trajectories, generated tokens, effective trees, summed leaf rewards) of one arm."""
     from ibtpo_fast.data import encode_prompt
     from ibtpo_fast.engines.torch_engine import TorchEngine
-    from ibtpo_fast.loading import load_policy, load_task, resolve_device, stop_token_ids
+    from ibtpo_fast.loading import load_policy, resolve_device, stop_token_ids
     from ibtpo_fast.sampler import IBTreeSampler
-    from ibtpo_fast.trainer import sampler_config
+    from ibtpo_fast.trainer import sampler_config, task_of
 
-    d = cfg.data
-    task = load_task(d.task, train_files=d.train_files, val_files=d.val_files, val_size=1, reward_fn=d.reward_fn,
-                     reward_workers=d.reward_workers)
+    task = task_of(cfg, val_size=1)
     model, tok = load_policy(cfg.model.path, resolve_device(cfg.model.device), cfg.model.dtype)
     rows = task.train[:problems]
     totals = np.zeros(4)
@@ -248,7 +246,7 @@ def _sample_arm(cfg, problems: int, chunk: int = 128) -> tuple[int, float, float
         sampler = IBTreeSampler(TorchEngine(model, tokenizer=tok), tok, reward, sampler_config(cfg, stop_token_ids(model, tok)))
         for start in range(0, len(rows), chunk):
             part = rows[start : start + chunk]
-            m = sampler.sample([encode_prompt(r, tok, d.max_prompt_tokens) for r in part], part).metrics
+            m = sampler.sample([encode_prompt(r, tok, cfg.data.max_prompt_tokens) for r in part], part).metrics
             n = len(part)
             totals += [m["tree/trajectories"] * n, m["tree/generated_tokens"] * n, m["tree/eff_rate"] * n,
                        m["critic/score/mean"] * m["tree/trajectories"] * n]

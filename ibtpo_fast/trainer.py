@@ -20,13 +20,21 @@ from ibtpo_fast.data import PromptRow, PromptStream, encode_prompt
 from ibtpo_fast.engines.protocol import SamplingParams
 from ibtpo_fast.engines.torch_engine import TorchEngine
 from ibtpo_fast.evaluation import evaluate
-from ibtpo_fast.loading import load_policy, load_task, resolve_device, stop_token_ids
+from ibtpo_fast.loading import Task, load_policy, load_task, resolve_device, stop_token_ids
 from ibtpo_fast.packing import TrainBatch, flatten, pack_trees
 from ibtpo_fast.policy import resolve_tree_attention, supports_tree_packing
 from ibtpo_fast.runlog import RunLogger, plot_metrics, read_metrics
 from ibtpo_fast.sampler import IBTreeSampler, Rollout, SamplerConfig
 from ibtpo_fast.update import SKIPPED, UpdateSettings, ppo_update
 from ibtpo_fast.walk import WalkResult, walk
+
+
+def task_of(cfg: Config, val_size: int | None = None) -> Task:
+    """The task a run's config names (`val_size` replaces `data.val_size`)."""
+    d = cfg.data
+    return load_task(d.task, train_files=d.train_files, val_files=d.val_files,
+                     val_size=d.val_size if val_size is None else val_size, reward_fn=d.reward_fn,
+                     reward_workers=d.reward_workers)
 
 
 def sampler_config(cfg: Config, stop_ids: Sequence[int]) -> SamplerConfig:
@@ -54,13 +62,11 @@ class Trainer:
         self.model, self.tokenizer = load_policy(cfg.model.path, self.device, cfg.model.dtype,
                                                  cfg.model.attn_implementation, cfg.model.trust_remote_code)
         self.ref_model = self._frozen_copy() if cfg.algo.kl_coef > 0 else None
-        d = cfg.data
-        self.task = load_task(d.task, train_files=d.train_files, val_files=d.val_files, val_size=d.val_size,
-                              reward_fn=d.reward_fn, reward_workers=d.reward_workers)
+        self.task = task_of(cfg)
         self.scorer = self.task.scorer(cfg.rollout.reward_timeout_s)
         self.train_prompts = self._encode(self.task.train)
         self.val_prompts = self._encode(self.task.val)
-        self.stream = PromptStream(list(range(len(self.task.train))), d.batch_size, d.seed)
+        self.stream = PromptStream(list(range(len(self.task.train))), cfg.data.batch_size, cfg.data.seed)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.layout, self.tree_attention = self._resolve_layout()

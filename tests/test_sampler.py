@@ -231,8 +231,8 @@ def grow(tiny, problems, schedule, engine, **kw):
 
 
 def same_tree(a, b, t: int) -> bool:
-    fa, ia = a.forest.trees_only([t])
-    fb, ib = b.forest.trees_only([t])
+    fa, _ = a.forest.trees_only([t])
+    fb, _ = b.forest.trees_only([t])
     return (np.array_equal(fa.parent, fb.parent) and np.array_equal(fa.tokens, fb.tokens)
             and np.array_equal(fa.reward, fb.reward, equal_nan=True)
             and a.generated_tokens[t] == b.generated_tokens[t])
