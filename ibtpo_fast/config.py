@@ -21,7 +21,7 @@ from ibtpo_fast.errors import ConfigError
 
 @dataclass
 class ModelConfig:
-    path: str = ""  # HF checkpoint dir; empty: the bundled tiny model
+    path: str = ""  # HF checkpoint dir; empty: the bundled task's tiny model
     dtype: str = "float32"
     device: str = "auto"  # auto: cuda when available
     attn_implementation: str = "sdpa"  # sdpa | eager | flex_attention | flash_attention_2; decoding uses sdpa
@@ -30,7 +30,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    task: str = "arithmetic"  # bundled task, or "file" with train_files
+    task: str = "arithmetic"  # bundled task (arithmetic | arithmetic_hard), or "file" with train_files
     train_files: str = ""  # jsonl / parquet (verl format or {"prompt", "answer"})
     val_files: str = ""
     reward_fn: str = ""  # module:function in verl's compute_score contract; empty: the task's
@@ -46,7 +46,7 @@ class RolloutConfig:
     strategy: str = "ib"  # ib | independent | random | entropy
     schedule: str = "continuous"  # continuous: each tree's next round joins the running batch | lockstep
     tree: str = "4,9,1,1"  # B0,L,K,B
-    max_new_tokens: int = 64
+    max_new_tokens: int = 0  # per response; 0: the task's (64 arithmetic, 96 arithmetic_hard, 256 file)
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1
@@ -249,6 +249,10 @@ def load_config(args: Sequence[str] = ()) -> Config:
     cfg.preset = preset
     for key, raw in {**PRESETS[preset], **values}.items():
         set_value(cfg, key, raw)
+    if cfg.rollout.max_new_tokens == 0 and cfg.data.task in _choices()["data.task"]:
+        from ibtpo_fast.loading import default_max_new_tokens
+
+        cfg.rollout.max_new_tokens = default_max_new_tokens(cfg.data.task)
     validate(cfg)
     return cfg
 

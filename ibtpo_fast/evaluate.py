@@ -1,7 +1,7 @@
-"""`python -m ibtpo_fast.evaluate --model DIR [--data arithmetic|FILE[,FILE]] [--k 8]`
+"""`python -m ibtpo_fast.evaluate --model DIR [--data arithmetic|arithmetic_hard|FILE[,FILE]] [--k 8]`
 
 avg@k and unbiased pass@k per data source, for a Hugging Face checkpoint (a run's
-`checkpoints/global_step_N/` included). Without --model: the bundled tiny model.
+`checkpoints/global_step_N/` included). Without --model: the bundled task's tiny model.
 """
 from __future__ import annotations
 
@@ -15,19 +15,20 @@ from ibtpo_fast.engines.protocol import SamplingParams
 from ibtpo_fast.engines.torch_engine import TorchEngine
 from ibtpo_fast.errors import user_errors_end_cleanly
 from ibtpo_fast.evaluation import evaluate
-from ibtpo_fast.loading import DTYPES, load_policy, load_task, resolve_device, stop_token_ids
+from ibtpo_fast.loading import DTYPES, TASKS, default_max_new_tokens, load_policy, load_task, resolve_device, stop_token_ids
 
 
 def _args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m ibtpo_fast.evaluate", description=__doc__.splitlines()[2])
     ap.add_argument("--model", default="", help="HF checkpoint directory (default: the bundled tiny model)")
-    ap.add_argument("--data", default="arithmetic", help="'arithmetic' or jsonl/parquet files, comma-separated")
+    ap.add_argument("--data", default="arithmetic",
+                    help="a bundled task (arithmetic, arithmetic_hard) or jsonl/parquet files, comma-separated")
     ap.add_argument("--n", type=int, default=256, help="problems to evaluate")
     ap.add_argument("--k", type=int, default=8, help="samples per problem")
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--top-k", type=int, default=-1)
-    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--max-new-tokens", type=int, default=0, help="per response; 0: the task's own length")
     ap.add_argument("--max-prompt-tokens", type=int, default=1024)
     ap.add_argument("--reward-fn", default="", help="module:function in verl's compute_score contract")
     ap.add_argument("--reward-workers", type=int, default=2, help="processes scoring a --reward-fn or the math grader")
@@ -44,15 +45,15 @@ def _args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> dict[str, float]:
-    bundled = args.data == "arithmetic"
-    task = load_task("arithmetic" if bundled else "file", val_files="" if bundled else args.data, val_size=args.n,
+    name = args.data if args.data in TASKS and args.data != "file" else "file"
+    task = load_task(name, val_files="" if name != "file" else args.data, val_size=args.n,
                      reward_fn=args.reward_fn, reward_workers=args.reward_workers)
     model, tok = load_policy(args.model, resolve_device(args.device), args.dtype,
-                             trust_remote_code=args.trust_remote_code)
+                             trust_remote_code=args.trust_remote_code, task=name)
     prompts = [encode_prompt(r, tok, args.max_prompt_tokens) for r in task.val]
     with task.scorer(args.reward_timeout_s) as scorer:
         return evaluate(TorchEngine(model, tokenizer=tok), tok, prompts, task.val, scorer, k=args.k,
-                        max_new_tokens=args.max_new_tokens,
+                        max_new_tokens=args.max_new_tokens or default_max_new_tokens(name),
                         sampling=SamplingParams(args.temperature, args.top_p, args.top_k),
                         stop_token_ids=stop_token_ids(model, tok), seed=args.seed)
 

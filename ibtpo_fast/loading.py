@@ -16,9 +16,10 @@ from ibtpo_fast.data import PromptRow, load_files
 from ibtpo_fast.errors import CheckpointError
 from ibtpo_fast.rewards import RewardFn, RewardScorer, default_math_reward, load_reward_fn
 
-TASKS = ("arithmetic", "file")  # the bundled task, or jsonl / parquet files
+TASKS = ("arithmetic", "arithmetic_hard", "file")  # a bundled task, or jsonl / parquet files
 DTYPES = ("float32", "bfloat16", "float16")
 BUNDLED_TRAIN_ROWS = 4096
+FILE_MAX_NEW_TOKENS = 256  # a file task's response length unless rollout.max_new_tokens says otherwise
 
 
 @dataclass
@@ -36,14 +37,15 @@ class Task:
 
 def load_task(task: str, *, train_files: str = "", val_files: str = "", val_size: int, reward_fn: str = "",
               reward_workers: int = 2) -> Task:
-    """The rows and the grader of `task`: the bundled arithmetic task, or jsonl / parquet files (`file`).
+    """The rows and the grader of `task`: a bundled arithmetic task, or jsonl / parquet files (`file`).
     `reward_fn` ("module:function" or "file.py:function") replaces the task's grader."""
     if task not in TASKS:
         raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
-    if task == "arithmetic":
-        from ibtpo_fast.tasks import compute_score, prompt_rows
+    if task != "file":
+        from ibtpo_fast.tasks import BUNDLED, compute_score
 
-        train, val, bundled = prompt_rows("train", BUNDLED_TRAIN_ROWS), prompt_rows("test", val_size), compute_score
+        own = BUNDLED[task]
+        train, val, bundled = own.prompt_rows("train", BUNDLED_TRAIN_ROWS), own.prompt_rows("test", val_size), compute_score
     else:
         train = load_files(train_files) if train_files else []
         val = load_files(val_files)[:val_size] if val_files else []
@@ -61,22 +63,29 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def model_dir(path: str) -> Path:
-    """The checkpoint directory `path`; empty: the bundled tiny model."""
+def default_max_new_tokens(task: str) -> int:
+    """A task's response length: a bundled task's longest solution, with room to spare."""
+    from ibtpo_fast.tasks import BUNDLED
+
+    return BUNDLED[task].max_new_tokens if task in BUNDLED else FILE_MAX_NEW_TOKENS
+
+
+def model_dir(path: str, task: str = "arithmetic") -> Path:
+    """The checkpoint directory `path`; empty: the bundled tiny model of `task` (the default task's for files)."""
     if path:
         return Path(path)
-    from ibtpo_fast.tasks import tiny_model_path
+    from ibtpo_fast.tasks import BUNDLED
 
-    return tiny_model_path()
+    return BUNDLED.get(task, BUNDLED["arithmetic"]).model_path
 
 
 def load_policy(path: str, device: torch.device, dtype: str = "float32", attn_implementation: str = "sdpa",
-                trust_remote_code: bool = False) -> tuple[torch.nn.Module, Any]:
-    """A causal LM and its tokenizer from a Hugging Face checkpoint directory (empty: the bundled tiny model).
-    `trust_remote_code` lets the directory's own Python code run; off, only transformers' classes load."""
+                trust_remote_code: bool = False, task: str = "arithmetic") -> tuple[torch.nn.Module, Any]:
+    """A causal LM and its tokenizer from a Hugging Face checkpoint directory (empty: `task`'s bundled tiny
+    model). `trust_remote_code` lets the directory's own Python code run; off, only transformers' classes load."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    where = model_dir(path)
+    where = model_dir(path, task)
     try:
         model = AutoModelForCausalLM.from_pretrained(where, dtype=getattr(torch, dtype),
                                                      attn_implementation=attn_implementation,

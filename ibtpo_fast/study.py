@@ -234,7 +234,7 @@ def _sample_arm(cfg, problems: int, chunk: int = 128) -> tuple[int, float, float
     from ibtpo_fast.trainer import sampler_config, task_of
 
     task = task_of(cfg, val_size=1)
-    model, tok = load_policy(cfg.model.path, resolve_device(cfg.model.device), cfg.model.dtype)
+    model, tok = load_policy(cfg.model.path, resolve_device(cfg.model.device), cfg.model.dtype, task=cfg.data.task)
     rows = task.train[:problems]
     totals = np.zeros(4)
     with task.scorer(cfg.rollout.reward_timeout_s) as scorer:

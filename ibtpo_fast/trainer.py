@@ -60,7 +60,8 @@ class Trainer:
         seed_everything(cfg.train.seed)
         self.device = resolve_device(cfg.model.device)
         self.model, self.tokenizer = load_policy(cfg.model.path, self.device, cfg.model.dtype,
-                                                 cfg.model.attn_implementation, cfg.model.trust_remote_code)
+                                                 cfg.model.attn_implementation, cfg.model.trust_remote_code,
+                                                 task=cfg.data.task)
         self.ref_model = self._frozen_copy() if cfg.algo.kl_coef > 0 else None
         self.task = task_of(cfg)
         self.scorer = self.task.scorer(cfg.rollout.reward_timeout_s)

@@ -6,7 +6,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
+from ibtpo_fast.config import load_config
+from ibtpo_fast.loading import load_task, model_dir
 from ibtpo_fast.tasks import (
+    BUNDLED,
     DATA_SOURCE,
     STEP_DELIMITER,
     ArithmeticConfig,
@@ -14,7 +17,7 @@ from ibtpo_fast.tasks import (
     extract_answer,
     make_split,
 )
-from ibtpo_fast.tasks.arithmetic import INSTRUCTION, question_of, split_of
+from ibtpo_fast.tasks.arithmetic import INSTRUCTION, parse_prompt, question_of, response_budget, split_of
 from ibtpo_fast.tasks.char_tokenizer import CHARS, build_char_tokenizer, save_char_tokenizer
 
 STEP_RE = re.compile(r"^(\d+)([+\-*])(\d+)=(\d+)$")
@@ -57,7 +60,7 @@ def test_seed_changes_the_stream():
 
 
 @pytest.mark.parametrize(
-    "cfg", [ArithmeticConfig(), ArithmeticConfig(num_ops_min=1, num_ops_max=4, max_operand=20,
+    "cfg", [ArithmeticConfig(), BUNDLED["arithmetic_hard"].problems, ArithmeticConfig(num_ops_min=1, num_ops_max=4, max_operand=20,
                                                  max_result=200, seed=7, instruction="")]
 )
 def test_solutions_are_right_and_one_step_per_line(cfg):
@@ -129,3 +132,26 @@ def test_tokenizer_every_char_is_a_token():
         assert len(ids) == 1 and ids[0] != tok.unk_token_id
         assert tok.decode(ids) == ch
     assert tok.decode(tok.encode("1  2\n\n", add_special_tokens=False)) == "1  2\n\n"
+
+
+@pytest.mark.parametrize("cfg", [t.problems for t in BUNDLED.values()]
+                         + [ArithmeticConfig(num_ops_min=1, num_ops_max=4, max_result=200)])
+def test_response_budget_holds_the_longest_solution_and_its_stop_token(cfg):
+    longest = max(len(p.solution) for p in make_split("train", 2000, cfg))
+    assert longest + 1 <= response_budget(cfg) < longest + 1 + 40
+
+
+def test_hard_task_mixes_every_length_from_two_to_nine_operations():
+    rows = load_task("arithmetic_hard", val_size=512).val
+    lengths = {len(parse_prompt(r.prompt)[1]) for r in rows}
+    assert lengths == set(range(2, 10))
+    assert all(split_of(r.prompt) == "test" for r in rows)
+
+
+@pytest.mark.parametrize("task,budget", [("arithmetic", 64), ("arithmetic_hard", 96), ("file", 256)])
+def test_a_task_brings_its_response_length_and_model_unless_told_otherwise(task, budget):
+    files = ["data.train_files=x.jsonl"] if task == "file" else []
+    assert load_config([f"data.task={task}", *files]).rollout.max_new_tokens == budget
+    assert load_config([f"data.task={task}", "rollout.max_new_tokens=40", *files]).rollout.max_new_tokens == 40
+    own = BUNDLED.get(task, BUNDLED["arithmetic"]).model_path
+    assert model_dir("", task) == own and model_dir("/elsewhere", task).as_posix() == "/elsewhere"

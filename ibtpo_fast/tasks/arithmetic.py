@@ -103,6 +103,14 @@ def format_solution(steps: list[str], value: int) -> str:
     return STEP_DELIMITER.join(steps + [f"{ANSWER_PREFIX}{value}"])
 
 
+def response_budget(cfg: ArithmeticConfig) -> int:
+    """Tokens a response may take: the longest solution plus its stop token (one character per token),
+    rounded up to a multiple of 32 so that a model sampling a little past the answer is not cut short."""
+    width = len(str(cfg.max_result))
+    longest = cfg.num_ops_max * (3 * width + 3) + len(ANSWER_PREFIX) + width  # "99+99=99\n" per step, then "A:99"
+    return 32 * -(-(longest + 1) // 32)
+
+
 def step_results(steps: list[str]) -> list[int]:
     return [int(s.rsplit("=", 1)[1]) for s in steps]
 
