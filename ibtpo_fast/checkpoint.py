@@ -1,12 +1,14 @@
 """Atomic checkpoints: `checkpoints/global_step_N/` plus a `latest` pointer.
 
-A checkpoint is written into a temporary sibling directory and renamed into place once every
-file is on disk, then `latest` is replaced atomically; so a crash mid-write leaves only a
-temporary directory that `find_latest` never returns, and a write that fails (no space left, no
-permission) removes what it wrote and raises CheckpointError, the previous checkpoint and `latest`
-untouched. The policy is saved in Hugging Face format, loadable with
-`AutoModelForCausalLM.from_pretrained`; the trainer state holds only tensors and plain Python
-values, so it loads with `torch.load(weights_only=True)`, which cannot run code.
+A checkpoint holds the model and optimizer state as `torch.distributed.checkpoint` shards (`dcp/`,
+one file per rank that wrote it, loadable at any world size), a consolidated Hugging Face export of
+the policy (`config.json`, `model.safetensors`, the tokenizer: `from_pretrained` loads it) and the
+trainer state. Every rank writes its shards into one temporary sibling directory; rank 0 writes the
+rest, then renames the directory into place and replaces `latest` atomically. So a crash mid-write,
+on any rank, leaves only a temporary directory that `find_latest` never returns, and a write that
+fails (no space left, no permission) removes what it wrote and raises CheckpointError, the previous
+checkpoint and `latest` untouched. The trainer state holds only tensors and plain Python values, so
+it loads with `torch.load(weights_only=True)`, which cannot run code.
 """
 from __future__ import annotations
 
@@ -14,20 +16,36 @@ import os
 import pickle
 import random
 import shutil
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError
+from torch.distributed.checkpoint import CheckpointException
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 
+from ibtpo_fast.distributed import SINGLE, World
 from ibtpo_fast.errors import CheckpointError
 
 PREFIX = "global_step_"
+SHARDS = "dcp"  # the sharded model and optimizer state
 STATE_FILE = "trainer_state.pt"  # written last: its presence marks a complete checkpoint
-REQUIRED = ("config.json", "model.safetensors", STATE_FILE)
-# What a failed write raises: OSError from Python and torch, SafetensorError from the model's weights.
-_WRITE_ERRORS = (OSError, SafetensorError)
+REQUIRED = ("config.json", "model.safetensors", f"{SHARDS}/.metadata", STATE_FILE)
+# What a failed write raises: OSError from Python and torch, SafetensorError from the model's weights,
+# CheckpointException from the sharded writers of any rank.
+_WRITE_ERRORS = (OSError, SafetensorError, CheckpointException)
 
 
 def rng_state() -> dict[str, Any]:
@@ -62,28 +80,87 @@ def _fsync_dir(path: Path) -> None:
 
 def save_checkpoint(
     ckpt_root: Path, step: int, model: torch.nn.Module, tokenizer: Any, state: dict[str, Any],
-    config_yaml: str, keep_last: int,
+    config_yaml: str, keep_last: int, *, optimizer: torch.optim.Optimizer | None = None, world: World = SINGLE,
 ) -> Path:
-    """Write global_step_{step} atomically, point `latest` at it, keep the newest `keep_last`.
+    """Write global_step_{step} atomically, point `latest` at it, keep the newest `keep_last`. Every rank
+    calls it; `model` is the policy as it trains (a causal LM, or one wrapped or sharded for data parallelism)
+    and `state` is rank 0's trainer state, to which each rank's RNG state is added.
 
     A write that fails leaves the previous checkpoints and `latest` as they were, removes its own
     files and raises CheckpointError naming the checkpoint."""
     final = ckpt_root / f"{PREFIX}{step}"
-    tmp = ckpt_root / f".tmp-{PREFIX}{step}-{os.getpid()}"
+    tmp = ckpt_root / world.gather(f".tmp-{PREFIX}{step}-{os.getpid()}")[0]  # rank 0's name, on every rank
     try:
-        ckpt_root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        _write(tmp, model, tokenizer, {**state, "global_step": step, "rng": rng_state()}, config_yaml)
-        _publish(tmp, final)
+        if world.is_main:
+            ckpt_root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        world.barrier()
+        with _single_process_is_meant():
+            dcp.save(_sharded_state(model, optimizer), checkpoint_id=tmp / SHARDS, no_dist=world.size == 1)
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        rngs = world.gather(rng_state())
+        if world.is_main:
+            _write(tmp, model, full, tokenizer, {**state, "global_step": step, "rng": rngs}, config_yaml)
+            _publish(tmp, final)
     except _WRITE_ERRORS as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"cannot write checkpoint {final}: {e}") from e
-    _prune(ckpt_root, keep_last)
+        raise CheckpointError(f"cannot write checkpoint {final}: {_reason(e)}") from e
+    world.barrier()  # no rank goes on until the checkpoint is published
+    if world.is_main:
+        _prune(ckpt_root, keep_last)
     return final
 
 
-def _write(tmp: Path, model: torch.nn.Module, tokenizer: Any, state: dict[str, Any], config_yaml: str) -> None:
-    model.save_pretrained(tmp, safe_serialization=True)
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+    """Load checkpoint `path`'s model (and optimizer) shards into `model` at this run's world size, whatever
+    the size that wrote them; returns the trainer state."""
+    sharded = _sharded_state(model, optimizer)
+    try:
+        with _single_process_is_meant():
+            dcp.load(sharded, checkpoint_id=path / SHARDS, no_dist=not dist.is_initialized())
+    except (CheckpointException, RuntimeError, KeyError) as e:  # shards of another model, or torn ones
+        raise CheckpointError(f"cannot load {path / SHARDS} into this run's model: {_reason(e)}") from e
+    if optimizer is None:
+        set_model_state_dict(model, sharded["model"])
+    else:
+        set_state_dict(model, optimizer, model_state_dict=sharded["model"], optim_state_dict=sharded["optim"])
+    return load_state(path)
+
+
+@contextmanager
+def _single_process_is_meant() -> Iterator[None]:
+    """Without a process group the sharded writer and reader warn on every call that they assume one process:
+    here that is the plan, not a slip."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _reason(e: BaseException) -> str:
+    """One line per failing rank, not the tracebacks a CheckpointException carries."""
+    if isinstance(e, CheckpointException):
+        return "; ".join(f"rank {rank}: {type(exc).__name__}: {exc}" for rank, (exc, _) in sorted(e.failures.items()))
+    return str(e)
+
+
+def _sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    if optimizer is None:
+        return {"model": get_model_state_dict(model)}
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    return {"model": model_sd, "optim": optim_sd}
+
+
+def _causal_lm(model: torch.nn.Module) -> tuple[torch.nn.Module, str]:
+    """The causal LM inside a policy wrapper, and the prefix its names carry in the wrapper's state dict."""
+    inner = getattr(model, "module", model)  # DistributedDataParallel
+    return (inner.lm, "lm.") if hasattr(inner, "lm") else (inner, "")
+
+
+def _write(tmp: Path, model: torch.nn.Module, full: dict[str, torch.Tensor], tokenizer: Any, state: dict[str, Any],
+           config_yaml: str) -> None:
+    lm, prefix = _causal_lm(model)
+    lm.save_pretrained(tmp, state_dict={k[len(prefix):]: v for k, v in full.items()}, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     (tmp / "config.yaml").write_text(config_yaml)
     torch.save(state, tmp / STATE_FILE)

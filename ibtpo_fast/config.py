@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
+import os
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -87,6 +88,8 @@ class TrainConfig:
     max_bad_steps: int = 3  # NaN/inf steps in a row before aborting
     layout: str = "auto"  # tree (tree-packed) | flat (one row per trajectory) | auto: tree where supported
     tree_attention: str = "auto"  # gather | mask | flex | auto: flex for flex_attention models, else gather
+    parallel: str = "auto"  # under torchrun: fsdp | ddp | none | auto: fsdp on more than one rank
+    param_dtype: str = ""  # fsdp mixed precision: compute in this dtype (bfloat16), reduce gradients in fp32
 
 
 @dataclass
@@ -138,6 +141,7 @@ _OWN_CHOICES = {
 
 
 def _choices() -> dict[str, tuple[str, ...]]:
+    from ibtpo_fast.distributed import PARALLEL
     from ibtpo_fast.loading import DTYPES, TASKS
     from ibtpo_fast.losses import AGGREGATIONS
     from ibtpo_fast.packing import LAYOUTS, PREFIX_WEIGHTINGS
@@ -158,6 +162,8 @@ def _choices() -> dict[str, tuple[str, ...]]:
         "model.dtype": DTYPES,
         "data.task": TASKS,
         "train.layout": ("auto",) + LAYOUTS,
+        "train.parallel": PARALLEL,
+        "train.param_dtype": ("",) + DTYPES,
         "train.tree_attention": ("auto",) + TREE_ATTENTION_BACKENDS,
         "model.attn_implementation": MODEL_ATTENTION,
     }
@@ -286,6 +292,21 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"rollout.tree: {e}") from None
     if cfg.data.task == "file" and not cfg.data.train_files:
         raise ConfigError("data.train_files: required when data.task=file")
+    _check_world(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+
+
+def _check_world(cfg: Config, world: int) -> None:
+    """Each rank of a torchrun world owns whole trees: the global batch must divide, into shares that
+    fill every mini-batch."""
+    if cfg.data.batch_size % world:
+        raise ConfigError(f"data.batch_size: {cfg.data.batch_size} trees do not divide over {world} ranks; "
+                          f"use a multiple of {world}")
+    if cfg.data.batch_size // world < cfg.train.mini_batches:
+        raise ConfigError(f"train.mini_batches: {cfg.train.mini_batches} mini-batches need at least as many trees per "
+                          f"rank, and {world} ranks get {cfg.data.batch_size // world} each")
+    if cfg.train.parallel == "none" and world > 1:
+        raise ConfigError(f"train.parallel: none cannot train on {world} ranks (their gradients would never meet); "
+                          "use fsdp or ddp")
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

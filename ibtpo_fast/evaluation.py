@@ -30,11 +30,14 @@ def evaluate(
     sampling: SamplingParams,
     stop_token_ids: Sequence[int] = (),
     seed: int = 0,
+    first_index: int = 0,
 ) -> dict[str, float]:
-    """Sample k responses per prompt; score them; report `val-core/<source>/acc/mean@k` and pass@k."""
+    """Sample k responses per prompt; score them; report `val-core/<source>/acc/mean@k` and pass@k.
+    `first_index` is the position of `prompts[0]` in the whole set: a problem's samples draw the same
+    seeds whichever share of the set (one rank's) it is evaluated in."""
     requests = [
         Request(list(p), max_new_tokens, SamplingParams(sampling.temperature, sampling.top_p, sampling.top_k,
-                                                          seed * 1_000_003 + i * k + j), tuple(stop_token_ids))
+                                                          seed * 1_000_003 + (first_index + i) * k + j), tuple(stop_token_ids))
         for i, p in enumerate(prompts) for j in range(k)
     ]
     completions = engine.generate(requests)
@@ -53,3 +56,16 @@ def evaluate(
         out[f"val-core/{source}/acc/pass@{k}"] = float(np.mean([pass_at_k(k, int((x > 0.5).sum()), k) for x in g]))
         out[f"val-core/{source}/acc/pass@1"] = float(np.mean([pass_at_k(k, int((x > 0.5).sum()), 1) for x in g]))
     return out
+
+
+def merge_shares(shares: Sequence[tuple[dict[str, float], dict[str, int]]]) -> dict[str, float]:
+    """One evaluation from the (metrics, problems per data source) of its shares: every metric is a mean
+    over problems, so each share counts by its problems of that source."""
+    totals: dict[str, float] = defaultdict(float)
+    weights: dict[str, float] = defaultdict(float)
+    for metrics, counts in shares:
+        for key, value in metrics.items():
+            n = counts[key[len("val-core/"):].rsplit("/acc/", 1)[0]]
+            totals[key] += value * n
+            weights[key] += n
+    return {key: totals[key] / weights[key] for key in totals}

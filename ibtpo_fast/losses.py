@@ -10,17 +10,19 @@ from collections.abc import Callable
 
 import torch
 
-# mode -> (mult [N], seq_share [N], number of trajectories) -> coefficient [N], where a loss token
-# stands for `mult` trajectory tokens and seq_share = sum over them of 1 / trajectory length.
-Aggregation = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+# mode -> (mult [N], seq_share [N], number of trajectories) -> (weights [N], normaliser), where a loss
+# token stands for `mult` trajectory tokens and seq_share = sum over them of 1 / trajectory length. The
+# coefficient is weights / normaliser; data-parallel ranks sum their normalisers, so that each divides
+# by the global batch's and the ranks' losses add up to the single-process loss.
+Aggregation = Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, float]]
 
 
-def _token_mean(mult: torch.Tensor, seq_share: torch.Tensor, num_traj: int) -> torch.Tensor:
-    return mult / mult.sum().clamp(min=1)
+def _token_mean(mult: torch.Tensor, seq_share: torch.Tensor, num_traj: int) -> tuple[torch.Tensor, float]:
+    return mult, float(mult.sum())
 
 
-def _seq_mean_token_mean(mult: torch.Tensor, seq_share: torch.Tensor, num_traj: int) -> torch.Tensor:
-    return seq_share / max(num_traj, 1)
+def _seq_mean_token_mean(mult: torch.Tensor, seq_share: torch.Tensor, num_traj: int) -> tuple[torch.Tensor, float]:
+    return seq_share, float(num_traj)
 
 
 AGGREGATIONS: dict[str, Aggregation] = {
@@ -29,10 +31,13 @@ AGGREGATIONS: dict[str, Aggregation] = {
 }
 
 
-def token_coefficients(mode: str, mult: torch.Tensor, seq_share: torch.Tensor, num_traj: int) -> torch.Tensor:
+def token_coefficients(mode: str, mult: torch.Tensor, seq_share: torch.Tensor, num_traj: int,
+                       reduce: Callable[[float], float] | None = None) -> torch.Tensor:
+    """Per-token loss coefficients; `reduce` turns this batch's normaliser into the global batch's."""
     if mode not in AGGREGATIONS:
         raise ValueError(f"unknown loss aggregation {mode!r}; choose one of {', '.join(AGGREGATIONS)}")
-    return AGGREGATIONS[mode](mult.float(), seq_share.float(), num_traj)
+    weights, norm = AGGREGATIONS[mode](mult.float(), seq_share.float(), num_traj)
+    return weights / max(reduce(norm) if reduce else norm, 1.0)
 
 
 def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:

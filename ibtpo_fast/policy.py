@@ -82,3 +82,21 @@ def token_logprobs(model: torch.nn.Module, batch: TrainBatch, temperature: float
     out = _decode(base, batch, device, head.weight.dtype, tree_attention)
     hidden = out[batch.rows.to(device), batch.pred_cols.to(device)]
     return logprob_entropy(hidden, head.weight, batch.targets.to(device), temperature=temperature, bias=head.bias)
+
+
+class TokenLogprobs(torch.nn.Module):
+    """`token_logprobs` of a causal LM as a module's forward: the unit data-parallel wrappers (DDP, FSDP2)
+    hook, since the loss runs the decoder and the LM head apart rather than through the LM's own forward."""
+
+    def __init__(self, lm: torch.nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, batch: TrainBatch, temperature: float, tree_attention: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+        return token_logprobs(self.lm, batch, temperature, tree_attention)
+
+
+def as_logprob_module(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` if it already computes token log-probs (a TokenLogprobs, sharded or wrapped), else a TokenLogprobs of it."""
+    inner = getattr(model, "module", model)  # DistributedDataParallel keeps the module it wraps here
+    return model if isinstance(inner, TokenLogprobs) else TokenLogprobs(model)

@@ -62,6 +62,22 @@ def _sync(f: TextIO) -> None:
     os.fsync(f.fileno())
 
 
+class SilentLogger:
+    """The logger of every rank but rank 0 under data parallelism: rank 0 alone prints and writes."""
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def print(self, msg: str) -> None:
+        pass
+
+    def __enter__(self) -> SilentLogger:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
 class RunLogger:
     """Writes each step's metrics to `run_dir/metrics.jsonl` (and tensorboard / wandb when
     asked) and shows one progress bar over steps.

@@ -12,18 +12,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM
 
-from ibtpo_fast.checkpoint import find_latest, load_state, save_checkpoint, set_rng_state
+from ibtpo_fast.checkpoint import find_latest, load_checkpoint, save_checkpoint, set_rng_state
 from ibtpo_fast.config import Config, ConfigError, dump_yaml, to_dict
 from ibtpo_fast.data import PromptRow, PromptStream, encode_prompt
+from ibtpo_fast.distributed import RolloutWeights, init_world, resolve_parallel, wrap
 from ibtpo_fast.engines.protocol import SamplingParams
 from ibtpo_fast.engines.torch_engine import TorchEngine
-from ibtpo_fast.evaluation import evaluate
+from ibtpo_fast.evaluation import evaluate, merge_shares
 from ibtpo_fast.loading import Task, load_policy, load_task, resolve_device, stop_token_ids
 from ibtpo_fast.packing import TrainBatch, flatten, pack_trees
-from ibtpo_fast.policy import resolve_tree_attention, supports_tree_packing
-from ibtpo_fast.runlog import RunLogger, plot_metrics, read_metrics
+from ibtpo_fast.policy import TokenLogprobs, resolve_tree_attention, supports_tree_packing
+from ibtpo_fast.runlog import RunLogger, SilentLogger, plot_metrics, read_metrics
 from ibtpo_fast.sampler import IBTreeSampler, Rollout, SamplerConfig
 from ibtpo_fast.update import SKIPPED, UpdateSettings, ppo_update
 from ibtpo_fast.walk import WalkResult, walk
@@ -55,23 +55,33 @@ def seed_everything(seed: int) -> None:
 
 
 class Trainer:
+    """One process's part of a run: the whole run without torchrun, one rank's share of trees under it."""
+
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
+        self.world = init_world()
         seed_everything(cfg.train.seed)
-        self.device = resolve_device(cfg.model.device)
+        self.device = self._device()
         self.model, self.tokenizer = load_policy(cfg.model.path, self.device, cfg.model.dtype,
                                                  cfg.model.attn_implementation, cfg.model.trust_remote_code,
                                                  task=cfg.data.task)
-        self.ref_model = self._frozen_copy() if cfg.algo.kl_coef > 0 else None
+        self.layout, self.tree_attention = self._resolve_layout()  # reads the whole model: before sharding
+        self.parallel = resolve_parallel(cfg.train.parallel, self.world)
+        sharded = self.parallel == "fsdp"
+        # A sharded policy generates from a whole replica, gathered before each rollout and freed for the update.
+        self.rollout_weights = RolloutWeights(self.model) if sharded else None
+        ref = self._frozen_copy() if cfg.algo.kl_coef > 0 else None
+        self.ref_model = wrap(TokenLogprobs(ref), "fsdp", self.world, cfg.train.param_dtype) if sharded and ref else ref
+        self.policy = wrap(TokenLogprobs(self.model), self.parallel, self.world, cfg.train.param_dtype)
         self.task = task_of(cfg)
         self.scorer = self.task.scorer(cfg.rollout.reward_timeout_s)
         self.train_prompts = self._encode(self.task.train)
         self.val_prompts = self._encode(self.task.val)
         self.stream = PromptStream(list(range(len(self.task.train))), cfg.data.batch_size, cfg.data.seed)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
-        self.layout, self.tree_attention = self._resolve_layout()
-        self.engine = TorchEngine(self.model, tokenizer=self.tokenizer, max_cache_tokens=cfg.rollout.max_cache_tokens)
+        self.engine_model = self.rollout_weights.model if sharded else self.model
+        self.engine = TorchEngine(self.engine_model, tokenizer=self.tokenizer, max_cache_tokens=cfg.rollout.max_cache_tokens)
         self.stop_ids = stop_token_ids(self.model, self.tokenizer)
         self.sampling = SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k)
         self.sampler = IBTreeSampler(self.engine, self.tokenizer, self._reward, sampler_config(cfg, self.stop_ids))
@@ -84,6 +94,7 @@ class Trainer:
             latest = find_latest(self.ckpt_dir)
             if latest is not None:
                 self.resume_from(latest)
+        self.sync_weights()
 
     @property
     def update_settings(self) -> UpdateSettings:
@@ -98,28 +109,28 @@ class Trainer:
     # ---- checkpoints -------------------------------------------------------------------------
     def save(self) -> Path:
         state = {
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "data": self.stream.state_dict(), "sampler": self.sampler.state_dict(),
-            "bad_steps_total": self.bad_steps_total,
+            "scheduler": self.scheduler.state_dict(), "data": self.stream.state_dict(),
+            "sampler": self.sampler.state_dict(), "bad_steps_total": self.bad_steps_total,
         }
-        return save_checkpoint(self.ckpt_dir, self.global_step, self.model, self.tokenizer, state,
-                               dump_yaml(self.cfg), self.cfg.run.keep_last)
+        return save_checkpoint(self.ckpt_dir, self.global_step, self.policy, self.tokenizer, state, dump_yaml(self.cfg),
+                               self.cfg.run.keep_last, optimizer=self.optimizer, world=self.world)
 
     def resume_from(self, path: Path) -> None:
-        trained = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, self.cfg.model.dtype),
-                                                       trust_remote_code=self.cfg.model.trust_remote_code)
-        self.model.load_state_dict(trained.state_dict())
-        state = load_state(path)
-        self.optimizer.load_state_dict(state["optimizer"])
+        """Continue from checkpoint `path`, written at this world size or another."""
+        state = load_checkpoint(path, self.policy, self.optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
         self.stream.load_state_dict(state["data"])
         self.sampler.load_state_dict(state["sampler"])
         self.bad_steps_total = state["bad_steps_total"]
         self.global_step = state["global_step"]
-        set_rng_state(state["rng"])
-        self.engine.update_weights()
+        rngs = state["rng"]  # one per rank that wrote it; a rank the writer did not have takes rank 0's
+        set_rng_state(rngs[self.world.rank] if self.world.rank < len(rngs) else rngs[0])
 
     # ---- setup helpers -----------------------------------------------------------------------
+    def _device(self) -> torch.device:
+        device = resolve_device(self.cfg.model.device)
+        return torch.device("cuda", self.world.local_rank) if device.type == "cuda" and self.world.size > 1 else device
+
     def _frozen_copy(self) -> torch.nn.Module:
         ref = copy.deepcopy(self.model).eval()
         for p in ref.parameters():
@@ -158,16 +169,28 @@ class Trainer:
         return self.scorer([r.data_source for r in rows], texts, [r.ground_truth for r in rows],
                            [r.extra_info for r in rows])
 
-    def rollout(self, indices: Sequence[int]) -> Rollout:
-        """One tree for each training row in `indices`, each response graded against its own row."""
-        self.model.eval()  # for the whole rollout, not once per engine poll; the update switches back
-        return self.sampler.sample([self.train_prompts[i] for i in indices], [self.task.train[i] for i in indices])
+    def rollout(self, indices: Sequence[int], tree_ids: Sequence[int] | None = None) -> Rollout:
+        """One tree for each training row in `indices`, each response graded against its own row; `tree_ids`
+        seed the trees (default: the sampler's running count)."""
+        self.engine_model.eval()  # for the whole rollout, not once per engine poll; the update switches back
+        return self.sampler.sample([self.train_prompts[i] for i in indices], [self.task.train[i] for i in indices],
+                                   tree_ids)
+
+    def sync_weights(self) -> None:
+        """Make the engine generate with the policy's current weights: gather a sharded policy's into the
+        replica, and flush the KV cache the old weights computed."""
+        if self.rollout_weights is not None:
+            self.rollout_weights.gather(self.model)
+        self.engine.update_weights()
 
     def step(self) -> dict[str, float]:
-        """One training step. Its `timing/*` parts (rollout, reward, walk, pack, update, sync) sum to
-        `timing/step`, the step's wall time."""
+        """One training step on this rank's share of the global batch. Its `timing/*` parts (rollout, reward,
+        walk, pack, update, sync) sum to `timing/step`, the step's wall time; metrics are over all ranks."""
         cfg, start = self.cfg, time.perf_counter()
-        rollout = self.rollout(self.stream.next_batch())
+        share, first = self.world.share(cfg.data.batch_size), self.global_step * cfg.data.batch_size
+        rollout = self.rollout(self.stream.next_batch()[share], range(first, first + cfg.data.batch_size)[share])
+        if self.rollout_weights is not None:
+            self.rollout_weights.free()
         t0 = time.perf_counter()
         w = walk(rollout.forest, beta=cfg.algo.beta, lam=cfg.algo.lam, eps=cfg.algo.eps, step_prob=cfg.algo.step_prob)
         t_walk = time.perf_counter() - t0
@@ -177,7 +200,7 @@ class Trainer:
         update = self.update(batch)
         t_update = time.perf_counter() - t0
         t0 = time.perf_counter()
-        self.engine.update_weights()  # colocated: weights are shared; this flushes the stale KV cache
+        self.sync_weights()
         t_sync = time.perf_counter() - t0
         self.global_step += 1
         m = {**rollout.metrics, **update, "train/tokens_processed": float(batch.tokens_processed)}
@@ -189,8 +212,10 @@ class Trainer:
             "actor/lr": self.scheduler.get_last_lr()[0],
             **self.scorer.stats(),
         })
+        if self.rollout_weights is not None:  # what the engine's whole replica holds while a rollout runs
+            m["perf/rollout_weights_mb"] = self.rollout_weights.bytes / 2**20
         m["timing/step"] = time.perf_counter() - start
-        return m
+        return self.world.reduce_metrics(m, weight=float(batch.mult.sum()))
 
     def pack(self, forest, w: WalkResult) -> TrainBatch:
         pad = self.tokenizer.pad_token_id or 0
@@ -201,7 +226,7 @@ class Trainer:
 
     def update(self, batch: TrainBatch) -> dict[str, float]:
         """The PPO update, the learning-rate step, and the count of steps skipped as non-finite."""
-        out = ppo_update(self.model, self.optimizer, batch, self.update_settings, self.ref_model)
+        out = ppo_update(self.policy, self.optimizer, batch, self.update_settings, self.ref_model, self.world)
         self.scheduler.step()
         self._count_bad_step(out.pop(SKIPPED) > 0)
         out["train/bad_steps"] = float(self.bad_steps_total)
@@ -223,26 +248,35 @@ class Trainer:
 
     # ---- evaluation and the run --------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
+        """Held-out accuracy, each rank sampling its share of the problems."""
         if not self.val_prompts:
             return {}
         self.engine.flush_cache()
-        return evaluate(self.engine, self.tokenizer, self.val_prompts, self.task.val, self.scorer,
-                        k=self.cfg.train.eval_k, max_new_tokens=self.cfg.rollout.max_new_tokens,
-                        sampling=self.sampling, stop_token_ids=self.stop_ids, seed=self.cfg.train.seed + 10_000)
+        part = self.world.split(len(self.val_prompts))
+        rows = self.task.val[part]
+        local = evaluate(self.engine, self.tokenizer, self.val_prompts[part], rows, self.scorer,
+                         k=self.cfg.train.eval_k, max_new_tokens=self.cfg.rollout.max_new_tokens, sampling=self.sampling,
+                         stop_token_ids=self.stop_ids, seed=self.cfg.train.seed + 10_000, first_index=part.start)
+        counts: dict[str, int] = {}
+        for r in rows:
+            counts[r.data_source] = counts.get(r.data_source, 0) + 1
+        return merge_shares(self.world.gather((local, counts)))
 
     def train(self) -> dict[str, Any]:
-        cfg = self.cfg
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
+        cfg, main = self.cfg, self.world.is_main
         start = self.global_step
-        with RunLogger(self.run_dir, cfg.train.steps, progress=cfg.run.progress, tensorboard=cfg.run.tensorboard,
-                       wandb=cfg.run.wandb, start_step=start, config=to_dict(cfg)) as log:
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
+        logger = RunLogger(self.run_dir, cfg.train.steps, progress=cfg.run.progress, tensorboard=cfg.run.tensorboard,
+                           wandb=cfg.run.wandb, start_step=start, config=to_dict(cfg)) if main else SilentLogger()
+        with logger as log:
             log.print(dump_yaml(cfg) if start == 0 else f"resumed from step {start} in {self.ckpt_dir}")
             if start == 0:
                 before = self.evaluate()
                 log.log(0, before)
             else:
-                before = read_metrics(self.run_dir / "metrics.jsonl")[0]
+                before = read_metrics(self.run_dir / "metrics.jsonl")[0] if main else {}
             history = []
             while self.global_step < cfg.train.steps:
                 m = self.step()
@@ -256,6 +290,7 @@ class Trainer:
                 history.append(m)
                 if last or self.global_step % cfg.run.save_every == 0:
                     self.save()
-        plot_metrics(self.run_dir / "metrics.jsonl", self.run_dir / "plots")
+        if main:
+            plot_metrics(self.run_dir / "metrics.jsonl", self.run_dir / "plots")
         self.scorer.close()
         return {"before": before, "after": history[-1] if history else before, "history": history}

@@ -37,3 +37,18 @@ def slow_arithmetic(data_source, solution_str, ground_truth, extra_info=None):
 
     time.sleep(0.05)
     return compute_score(data_source, solution_str, ground_truth, extra_info)
+
+
+class RankFailure(BaseException):
+    """Not an Exception: it passes the reward guard, as a fatal fault would."""
+
+
+def fails_on_rank_1(data_source, solution_str, ground_truth, extra_info=None):
+    """The bundled grader on rank 0; on rank 1 of a torchrun world, an error past the reward guard."""
+    import os
+
+    from ibtpo_fast.tasks import compute_score
+
+    if os.environ.get("RANK") == "1":
+        raise RankFailure("reward failed on rank 1")
+    return compute_score(data_source, solution_str, ground_truth, extra_info)

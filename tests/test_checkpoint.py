@@ -58,7 +58,7 @@ def test_rng_state_round_trip(tmp_path):
     random.seed(1), np.random.seed(1), torch.manual_seed(1)
     path = save_checkpoint(tmp_path, 5, model, tok, {}, "", keep_last=1)
     want = (random.random(), np.random.rand(), torch.rand(1).item())
-    set_rng_state(load_state(path)["rng"])
+    set_rng_state(load_state(path)["rng"][0])
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == want
 
 
@@ -98,9 +98,24 @@ def _fail_tokenizer(monkeypatch, tok):
 
 
 def _fail_state(monkeypatch, _):
+    real = torch.save
+
     def save(obj, f, *args, **kwargs):
+        if not str(f).endswith(STATE_FILE):
+            return real(obj, f, *args, **kwargs)
         open(f, "wb").write(b"PK partial")
         raise OSError(errno.ENOSPC, "No space left on device", str(f))
+    monkeypatch.setattr(torch, "save", save)
+
+
+def _fail_shards(monkeypatch, _):  # the sharded writer (it saves into an open stream) runs out of space
+    real = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if isinstance(f, (str, os.PathLike)):
+            return real(obj, f, *args, **kwargs)
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(torch, "save", save)
 
 
@@ -115,7 +130,8 @@ def _fail_latest(monkeypatch, _):  # the checkpoint is renamed into place, then 
 
 
 @pytest.mark.parametrize(("fail", "reason"), [(_fail_model_weights, "No space left"), (_fail_tokenizer, "Permission denied"),
-                                              (_fail_state, "No space left"), (_fail_latest, "Permission denied")])
+                                              (_fail_state, "No space left"), (_fail_shards, "No space left"),
+                                              (_fail_latest, "Permission denied")])
 def test_failed_write_keeps_previous_checkpoint_and_latest(tmp_path, monkeypatch, fail, reason):
     model, tok = tiny()
     root = tmp_path / "checkpoints"

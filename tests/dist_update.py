@@ -1,0 +1,67 @@
+"""One PPO update of the bundled model on a fixed global batch of 4 trees, at whatever world size this runs in:
+`python tests/dist_update.py OUT` (one process, the whole batch) or `torchrun --nproc-per-node 2 tests/dist_update.py
+OUT` (each rank its 2 trees). For each (parallel, layout) it writes the loss, the gradient norm and the updated
+weights to OUT/<parallel>-<layout>.pt from rank 0, for tests/test_distributed.py to compare."""
+import copy
+import sys
+from pathlib import Path
+
+import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+from ibtpo_fast.checkpoint import _causal_lm
+from ibtpo_fast.distributed import init_world, wrap
+from ibtpo_fast.engines.torch_engine import TorchEngine
+from ibtpo_fast.loading import load_policy, load_task, stop_token_ids
+from ibtpo_fast.packing import flatten, pack_trees
+from ibtpo_fast.policy import TokenLogprobs
+from ibtpo_fast.sampler import IBTreeSampler, SamplerConfig
+from ibtpo_fast.update import UpdateSettings, minibatch_loss, ppo_update
+from ibtpo_fast.walk import walk
+
+TREES = 4
+
+
+def global_forest(model, tok, task):
+    """The same 4 trees on every rank: one engine each, the same seeds."""
+    sampler = IBTreeSampler(TorchEngine(model, tokenizer=tok), tok, lambda rows, res: task.scorer(1.0)(
+        [r.data_source for r in rows], tok.batch_decode([x.tolist() for x in res], skip_special_tokens=True),
+        [r.ground_truth for r in rows]), SamplerConfig(tree="2,3,1,1", max_new_tokens=64,
+                                                       stop_token_ids=stop_token_ids(model, tok), seed=3))
+    rows = task.train[:TREES]
+    return sampler.sample([tok.encode(r.prompt, add_special_tokens=False) for r in rows], rows).forest
+
+
+def whole(t: torch.Tensor) -> torch.Tensor:
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
+
+
+def main(out: Path) -> None:
+    torch.set_num_threads(1)
+    world = init_world()
+    task = load_task("arithmetic", val_size=1)
+    base, tok = load_policy("", torch.device("cpu"))
+    forest = global_forest(base, tok, task)
+    mine = forest.trees_only(list(range(TREES))[world.share(TREES)])[0]
+    w = walk(mine, lam=0.1)
+    settings = UpdateSettings(temperature=1.0, kl_coef=0.0, deterministic=True)
+    for parallel in (["fsdp", "ddp"] if world.size > 1 else ["none"]):
+        for layout in ("tree", "flat"):
+            batch = pack_trees(mine, w.advantage, w.leaves, tok.pad_token_id, "none", 1) if layout == "tree" \
+                else flatten(mine, w.advantage, w.leaves, tok.pad_token_id, "none")
+            policy = wrap(TokenLogprobs(copy.deepcopy(base)), parallel, world)
+            # SGD: Adam's first step, lr * g / |g|, turns float noise in near-zero gradients into whole steps
+            opt = torch.optim.SGD(policy.parameters(), lr=1e-2)
+            with torch.no_grad():
+                loss = world.sum(float(minibatch_loss(policy, batch, settings, world=world)[0]) / world.size)
+            stats = ppo_update(policy, opt, batch, settings, world=world)
+            full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            prefix = _causal_lm(policy)[1]
+            grads = {name.removeprefix("module.")[len(prefix):]: whole(p.grad) for name, p in policy.named_parameters()}
+            if world.is_main:
+                torch.save({"loss": loss, "grad_norm": stats["actor/grad_norm"], "grads": grads,
+                            "weights": {k[len(prefix):]: v for k, v in full.items()}}, out / f"{parallel}-{layout}.pt")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

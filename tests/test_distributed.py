@@ -1,0 +1,141 @@
+"""Data parallelism on CPU (gloo, 2 ranks, 1 thread each): N ranks make the single-process update, a run
+killed mid-step resumes exactly, checkpoints move between world sizes, one rank's error ends every rank."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from ibtpo_fast.config import ConfigError, load_config
+
+HERE = Path(__file__).resolve().parent
+SLOW = f"{HERE / 'reward_fns.py'}:slow_arithmetic"
+RUN = ["data.batch_size=2", "data.val_size=4", "train.eval_k=2", "rollout.tree=2,3,1,1", "run.progress=off",
+       "train.steps=4", "run.save_every=2", "run.name=r", "data.reward_workers=0"]
+
+
+def env(**extra):
+    return {**os.environ, "OMP_NUM_THREADS": "1", **extra}
+
+
+def torchrun(*args, nproc=2):
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--standalone",
+            "--monitor-interval", "0.1", *args]
+
+
+def train(out_dir, *args, nproc=2):
+    cmd = torchrun("-m", "ibtpo_fast.train", *RUN, f"run.out_dir={out_dir}", *args, nproc=nproc) if nproc > 1 else \
+        [sys.executable, "-m", "ibtpo_fast.train", *RUN, f"run.out_dir={out_dir}", *args]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+
+
+def finish(proc, timeout=600):
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err[-4000:]
+    return out
+
+
+def records(out_dir):
+    return {r["step"]: r for r in map(json.loads, (out_dir / "r" / "metrics.jsonl").read_text().splitlines())}
+
+
+def comparable(rec):
+    return {k: v for k, v in rec.items() if not k.startswith(("timing/", "perf/"))}
+
+
+@pytest.fixture(scope="module")
+def updates(tmp_path_factory):
+    """One update on the same global batch, at 1 rank and at 2 (fsdp and ddp, tree and flat layouts)."""
+    one, two = tmp_path_factory.mktemp("one"), tmp_path_factory.mktemp("two")
+    script = str(HERE / "dist_update.py")
+    single = subprocess.run([sys.executable, script, str(one)], capture_output=True, text=True, env=env())
+    assert single.returncode == 0, single.stderr[-4000:]
+    pair = subprocess.run(torchrun(script, str(two)), capture_output=True, text=True, env=env(), timeout=600)
+    assert pair.returncode == 0, pair.stderr[-4000:]
+    return one, two
+
+
+@pytest.mark.parametrize("parallel", ["fsdp", "ddp"])
+@pytest.mark.parametrize("layout", ["tree", "flat"])
+def test_two_ranks_make_the_single_process_update(updates, parallel, layout):
+    one, two = updates
+    want, got = torch.load(one / f"none-{layout}.pt"), torch.load(two / f"{parallel}-{layout}.pt")
+    assert got["loss"] == pytest.approx(want["loss"], rel=1e-5, abs=1e-7)
+    assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5)
+    assert want["grad_norm"] > 0
+    assert want["weights"].keys() == got["weights"].keys() and want["grads"].keys() == got["grads"].keys()
+    for name, g in want["grads"].items():
+        scale = g.abs().max()
+        assert (got["grads"][name] - g).abs().max() <= 1e-5 * scale + 1e-9, name
+    for name, w in want["weights"].items():
+        torch.testing.assert_close(got["weights"][name], w, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_killed_two_rank_run_resumes_as_if_uninterrupted(tmp_path):
+    whole = train(tmp_path / "whole", f"data.reward_fn={SLOW}")
+    finish(whole)
+    crashed = tmp_path / "crashed"
+    proc = train(crashed, f"data.reward_fn={SLOW}")
+    ckpt = crashed / "r" / "checkpoints" / "global_step_2"
+    deadline = time.time() + 600
+    while not (ckpt / "trainer_state.pt").exists():  # step 3 starts right after this checkpoint
+        assert proc.poll() is None and time.time() < deadline, "run ended before its step-2 checkpoint"
+        time.sleep(0.05)
+    time.sleep(0.3)
+    worker = [int(p) for p in subprocess.run(["pgrep", "-f", "-P", str(proc.pid), "ibtpo_fast.train"],
+                                             capture_output=True, text=True).stdout.split()]
+    assert worker, "no rank to kill"
+    os.kill(worker[-1], signal.SIGKILL)  # one rank dies: torchrun stops the job
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0 and 3 not in records(crashed)
+    out = finish(train(crashed, f"data.reward_fn={SLOW}"))
+    assert "resumed from step 2" in out
+    want, got = records(tmp_path / "whole"), records(crashed)
+    assert sorted(got) == [0, 1, 2, 3, 4]
+    for step in (3, 4):
+        assert comparable(got[step]) == comparable(want[step]), step
+
+
+def test_checkpoint_moves_between_world_sizes(tmp_path):
+    finish(train(tmp_path, "train.steps=2", "run.save_every=1"))
+    ckpt = tmp_path / "r" / "checkpoints" / "global_step_2"
+    assert sorted(p.name for p in (ckpt / "dcp").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    export = AutoModelForCausalLM.from_pretrained(ckpt)  # the consolidated Hugging Face export
+    from ibtpo_fast.trainer import Trainer
+
+    resumed = Trainer(load_config([*RUN, f"run.out_dir={tmp_path}", "train.steps=3"]))  # one process
+    assert resumed.global_step == 2
+    for name, p in export.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[name], p, rtol=0, atol=0, msg=name)
+    moments = [s["exp_avg"] for s in resumed.optimizer.state.values()]
+    assert moments and all(m.abs().sum() > 0 for m in moments)  # Adam's moments came back, not a fresh optimizer
+    resumed.train()  # the run goes on at one rank and saves there
+    finish(train(tmp_path, "train.steps=4", "run.save_every=1"))  # and back to two ranks
+    assert sorted(records(tmp_path)) == [0, 1, 2, 3, 4]
+
+
+def test_an_error_on_one_rank_ends_every_rank(tmp_path):
+    start = time.time()
+    proc = train(tmp_path, f"data.reward_fn={HERE / 'reward_fns.py'}:fails_on_rank_1")
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "reward failed on rank 1" in err
+    assert time.time() - start < 90
+
+
+def test_global_batch_must_divide_over_the_ranks(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ConfigError, match="data.batch_size: 16 trees do not divide over 3 ranks"):
+        load_config([])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="train.parallel: none cannot train on 2 ranks"):
+        load_config(["train.parallel=none"])
+    with pytest.raises(ConfigError, match="train.mini_batches"):
+        load_config(["data.batch_size=4", "train.mini_batches=4"])
+    assert load_config([]).train.parallel == "auto"
