@@ -147,7 +147,10 @@ def wrap(policy: torch.nn.Module, mode: str, world: World, param_dtype: str = ""
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (world.size,))
-        mp = MixedPrecisionPolicy(param_dtype=getattr(torch, param_dtype), reduce_dtype=torch.float32) if param_dtype else None
+        # No input casting: the inputs are token ids and masks, and casting would copy the tree-attention
+        # chains the layers report back through.
+        mp = MixedPrecisionPolicy(param_dtype=getattr(torch, param_dtype), reduce_dtype=torch.float32,
+                                  cast_forward_inputs=False) if param_dtype else None
         kwargs = {"mesh": mesh, **({"mp_policy": mp} if mp else {})}
         for layer in decoder_layers(policy.lm):
             fully_shard(layer, **kwargs)

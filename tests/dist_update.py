@@ -45,22 +45,23 @@ def main(out: Path) -> None:
     mine = forest.trees_only(list(range(TREES))[world.share(TREES)])[0]
     w = walk(mine, lam=0.1)
     settings = UpdateSettings(temperature=1.0, kl_coef=0.0, deterministic=True)
-    for parallel in (["fsdp", "ddp"] if world.size > 1 else ["none"]):
-        for layout in ("tree", "flat"):
-            batch = pack_trees(mine, w.advantage, w.leaves, tok.pad_token_id, "none", 1) if layout == "tree" \
-                else flatten(mine, w.advantage, w.leaves, tok.pad_token_id, "none")
-            policy = wrap(TokenLogprobs(copy.deepcopy(base)), parallel, world)
-            # SGD: Adam's first step, lr * g / |g|, turns float noise in near-zero gradients into whole steps
-            opt = torch.optim.SGD(policy.parameters(), lr=1e-2)
-            with torch.no_grad():
-                loss = world.sum(float(minibatch_loss(policy, batch, settings, world=world)[0]) / world.size)
-            stats = ppo_update(policy, opt, batch, settings, world=world)
-            full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-            prefix = _causal_lm(policy)[1]
-            grads = {name.removeprefix("module.")[len(prefix):]: whole(p.grad) for name, p in policy.named_parameters()}
-            if world.is_main:
-                torch.save({"loss": loss, "grad_norm": stats["actor/grad_norm"], "grads": grads,
-                            "weights": {k[len(prefix):]: v for k, v in full.items()}}, out / f"{parallel}-{layout}.pt")
+    runs = [(p, layout, "") for p in (["fsdp", "ddp"] if world.size > 1 else ["none"]) for layout in ("tree", "flat")]
+    for parallel, layout, param_dtype in runs + [("fsdp", "tree", "bfloat16")] * (world.size > 1):
+        batch = pack_trees(mine, w.advantage, w.leaves, tok.pad_token_id, "none", 1) if layout == "tree" \
+            else flatten(mine, w.advantage, w.leaves, tok.pad_token_id, "none")
+        policy = wrap(TokenLogprobs(copy.deepcopy(base)), parallel, world, param_dtype)
+        # SGD: Adam's first step, lr * g / |g|, turns float noise in near-zero gradients into whole steps
+        opt = torch.optim.SGD(policy.parameters(), lr=1e-2)
+        with torch.no_grad():
+            loss = world.sum(float(minibatch_loss(policy, batch, settings, world=world)[0]) / world.size)
+        stats = ppo_update(policy, opt, batch, settings, world=world)
+        full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        prefix = _causal_lm(policy)[1]
+        grads = {name.removeprefix("module.")[len(prefix):]: whole(p.grad) for name, p in policy.named_parameters()}
+        if world.is_main:
+            name = "-".join(filter(None, (parallel, param_dtype, layout)))
+            torch.save({"loss": loss, "grad_norm": stats["actor/grad_norm"], "grads": grads,
+                        "weights": {k[len(prefix):]: v for k, v in full.items()}}, out / f"{name}.pt")
 
 
 if __name__ == "__main__":

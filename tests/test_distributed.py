@@ -77,6 +77,15 @@ def test_two_ranks_make_the_single_process_update(updates, parallel, layout):
         torch.testing.assert_close(got["weights"][name], w, rtol=1e-5, atol=1e-7, msg=name)
 
 
+def test_fsdp_mixed_precision_computes_in_bf16_and_stays_close(updates):
+    one, two = updates
+    want, got = torch.load(one / "none-tree.pt"), torch.load(two / "fsdp-bfloat16-tree.pt")
+    assert got["loss"] != want["loss"] and got["loss"] == pytest.approx(want["loss"], rel=0.05)
+    assert all(w.dtype == torch.float32 for w in got["weights"].values())  # the sharded master weights stay fp32
+    moved = [(got["weights"][k] - want["weights"][k]).abs().max() for k in want["weights"]]
+    assert max(moved) < 1e-3
+
+
 def test_killed_two_rank_run_resumes_as_if_uninterrupted(tmp_path):
     whole = train(tmp_path / "whole", f"data.reward_fn={SLOW}")
     finish(whole)
