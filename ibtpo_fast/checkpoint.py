@@ -38,6 +38,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from ibtpo_fast.distributed import SINGLE, World
 from ibtpo_fast.errors import CheckpointError
+from ibtpo_fast.policy import causal_lm_of
 
 PREFIX = "global_step_"
 SHARDS = "dcp"  # the sharded model and optimizer state
@@ -151,15 +152,9 @@ def _sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | No
     return {"model": model_sd, "optim": optim_sd}
 
 
-def _causal_lm(model: torch.nn.Module) -> tuple[torch.nn.Module, str]:
-    """The causal LM inside a policy wrapper, and the prefix its names carry in the wrapper's state dict."""
-    inner = getattr(model, "module", model)  # DistributedDataParallel
-    return (inner.lm, "lm.") if hasattr(inner, "lm") else (inner, "")
-
-
 def _write(tmp: Path, model: torch.nn.Module, full: dict[str, torch.Tensor], tokenizer: Any, state: dict[str, Any],
            config_yaml: str) -> None:
-    lm, prefix = _causal_lm(model)
+    lm, prefix = causal_lm_of(model)
     lm.save_pretrained(tmp, state_dict={k[len(prefix):]: v for k, v in full.items()}, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     (tmp / "config.yaml").write_text(config_yaml)

@@ -43,7 +43,17 @@ class DataConfig:
 
 
 @dataclass
+class SGLangConfig:
+    """rollout.engine=sglang: SGLang's engine shares each rank's GPU with training."""
+
+    mem_fraction_static: float = 0.4  # GPU memory for SGLang's weights and KV cache; training has the rest
+    weight_bucket_mb: int = 512  # new weights reach the engine in buckets of at most this size
+    engine_args: str = ""  # further sglang.Engine arguments as YAML, e.g. "{attention_backend: fa3}"
+
+
+@dataclass
 class RolloutConfig:
+    engine: str = "torch"  # torch (TorchEngine: CPU or GPU) | sglang (GPU, the [sglang] extra)
     strategy: str = "ib"  # ib | independent | random | entropy
     schedule: str = "continuous"  # continuous: each tree's next round joins the running batch | lockstep
     tree: str = "4,9,1,1"  # B0,L,K,B
@@ -56,6 +66,7 @@ class RolloutConfig:
     token_budget: int = 0  # per tree; 0: no budget
     max_cache_tokens: int = 1_000_000
     reward_timeout_s: float = 10.0
+    sglang: SGLangConfig = field(default_factory=SGLangConfig)
 
 
 @dataclass
@@ -142,7 +153,7 @@ _OWN_CHOICES = {
 
 def _choices() -> dict[str, tuple[str, ...]]:
     from ibtpo_fast.distributed import PARALLEL
-    from ibtpo_fast.loading import DTYPES, TASKS
+    from ibtpo_fast.loading import DTYPES, ENGINES, TASKS
     from ibtpo_fast.losses import AGGREGATIONS
     from ibtpo_fast.packing import LAYOUTS, PREFIX_WEIGHTINGS
     from ibtpo_fast.policy import MODEL_ATTENTION
@@ -161,6 +172,7 @@ def _choices() -> dict[str, tuple[str, ...]]:
         "run.progress": PROGRESS_MODES,
         "model.dtype": DTYPES,
         "data.task": TASKS,
+        "rollout.engine": ENGINES,
         "train.layout": ("auto",) + LAYOUTS,
         "train.parallel": PARALLEL,
         "train.param_dtype": ("",) + DTYPES,
@@ -171,6 +183,7 @@ def _choices() -> dict[str, tuple[str, ...]]:
 
 _POSITIVE = {"data.batch_size", "data.max_prompt_tokens", "rollout.max_new_tokens", "rollout.temperature",
              "rollout.top_p", "rollout.max_cache_tokens", "rollout.reward_timeout_s", "algo.beta",
+             "rollout.sglang.mem_fraction_static", "rollout.sglang.weight_bucket_mb",
              "train.ppo_epochs", "train.mini_batches", "train.eval_k", "train.max_bad_steps",
              "run.keep_last", "run.save_every", "data.val_size"}
 _NON_NEGATIVE = {"algo.lam", "algo.eps", "algo.clip_low", "algo.clip_high", "algo.kl_coef", "algo.entropy_coef",
@@ -284,6 +297,11 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}: must be >= 0, got {_get(cfg, key)}")
     if cfg.rollout.top_p > 1:
         raise ConfigError(f"rollout.top_p: must be in (0, 1], got {cfg.rollout.top_p}")
+    if cfg.rollout.sglang.mem_fraction_static >= 1:
+        raise ConfigError(f"rollout.sglang.mem_fraction_static: must be in (0, 1), got {cfg.rollout.sglang.mem_fraction_static}")
+    if not isinstance(yaml.safe_load(cfg.rollout.sglang.engine_args or "{}"), dict):
+        raise ConfigError(f"rollout.sglang.engine_args: a YAML mapping of sglang.Engine arguments, got "
+                          f"{cfg.rollout.sglang.engine_args!r}")
     if cfg.rollout.top_k == 0 or cfg.rollout.top_k < -1:
         raise ConfigError(f"rollout.top_k: must be -1 (off) or >= 1, got {cfg.rollout.top_k}")
     try:

@@ -10,12 +10,24 @@ import json
 import sys
 from collections.abc import Sequence
 
+from ibtpo_fast.config import SGLangConfig
 from ibtpo_fast.data import encode_prompt
 from ibtpo_fast.engines.protocol import SamplingParams
-from ibtpo_fast.engines.torch_engine import TorchEngine
 from ibtpo_fast.errors import user_errors_end_cleanly
 from ibtpo_fast.evaluation import evaluate
-from ibtpo_fast.loading import DTYPES, TASKS, default_max_new_tokens, load_policy, load_task, resolve_device, stop_token_ids
+from ibtpo_fast.loading import (
+    DTYPES,
+    ENGINES,
+    TASKS,
+    build_engine,
+    check_engine,
+    default_max_new_tokens,
+    load_policy,
+    load_task,
+    model_dir,
+    resolve_device,
+    stop_token_ids,
+)
 
 
 def _args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -35,6 +47,7 @@ def _args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--reward-timeout-s", type=float, default=10.0)
     ap.add_argument("--dtype", default="float32", choices=DTYPES)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--engine", default="torch", choices=ENGINES, help="rollout engine (sglang: CUDA and the [sglang] extra)")
     ap.add_argument("--trust-remote-code", action="store_true",
                     help="run the Python code the model directory ships (only for ones you trust)")
     ap.add_argument("--seed", type=int, default=0)
@@ -45,6 +58,7 @@ def _args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> dict[str, float]:
+    check_engine(args.engine)
     name = args.data if args.data in TASKS and args.data != "file" else "file"
     task = load_task(name, val_files="" if name != "file" else args.data, val_size=args.n,
                      reward_fn=args.reward_fn, reward_workers=args.reward_workers)
@@ -52,7 +66,9 @@ def run(args: argparse.Namespace) -> dict[str, float]:
                              trust_remote_code=args.trust_remote_code, task=name)
     prompts = [encode_prompt(r, tok, args.max_prompt_tokens) for r in task.val]
     with task.scorer(args.reward_timeout_s) as scorer:
-        return evaluate(TorchEngine(model, tokenizer=tok), tok, prompts, task.val, scorer, k=args.k,
+        engine = build_engine(args.engine, model, tok, model_path=model_dir(args.model, name), dtype=args.dtype,
+                              seed=args.seed, sglang=SGLangConfig())
+        return evaluate(engine, tok, prompts, task.val, scorer, k=args.k,
                         max_new_tokens=args.max_new_tokens or default_max_new_tokens(name),
                         sampling=SamplingParams(args.temperature, args.top_p, args.top_k),
                         stop_token_ids=stop_token_ids(model, tok), seed=args.seed)

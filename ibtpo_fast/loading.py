@@ -1,7 +1,8 @@
-"""What a run loads before it samples: the policy and its tokenizer, the task's rows and its grader.
+"""What a run loads before it samples: the policy and its tokenizer, the task's rows and its grader,
+and the rollout engine.
 
 Training and `python -m ibtpo_fast.evaluate` both load through here, so they agree on the model's
-stop tokens, on which grader a task uses and on how many processes score rewards.
+stop tokens, on which grader a task uses, on how many processes score rewards and on the engine.
 """
 from __future__ import annotations
 
@@ -13,10 +14,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ibtpo_fast.data import PromptRow, load_files
-from ibtpo_fast.errors import CheckpointError
+from ibtpo_fast.errors import CheckpointError, MissingExtraError
 from ibtpo_fast.rewards import RewardFn, RewardScorer, default_math_reward, load_reward_fn
 
 TASKS = ("arithmetic", "arithmetic_hard", "file")  # a bundled task, or jsonl / parquet files
+ENGINES = ("torch", "sglang")
 DTYPES = ("float32", "bfloat16", "float16")
 BUNDLED_TRAIN_ROWS = 4096
 FILE_MAX_NEW_TOKENS = 256  # a file task's response length unless rollout.max_new_tokens says otherwise
@@ -103,3 +105,41 @@ def stop_token_ids(model: torch.nn.Module, tokenizer: Any) -> tuple[int, ...]:
     if eos is not None:
         ids |= set(eos if isinstance(eos, list) else [eos])
     return tuple(sorted(ids))
+
+
+def _cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def check_engine(name: str) -> None:
+    """Fail before any work when engine `name` cannot run here, naming what to install."""
+    if name not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {name!r}")
+    if name == "sglang":
+        import importlib.util
+
+        if importlib.util.find_spec("sglang") is None:
+            raise MissingExtraError("rollout.engine=sglang needs SGLang: pip install 'ibtpo_fast[sglang]' on a CUDA "
+                                    "machine (or rollout.engine=torch)")
+        if not _cuda():
+            raise MissingExtraError("rollout.engine=sglang runs on CUDA only and this machine has no GPU; use "
+                                    "rollout.engine=torch")
+
+
+def build_engine(name: str, model: torch.nn.Module, tokenizer: Any, *, model_path: Path, dtype: str = "float32",
+                 seed: int = 0, local_rank: int = 0, max_cache_tokens: int = 1_000_000, sglang: Any = None) -> Any:
+    """The rollout engine `name` for `model`: a TorchEngine on the model itself, or an SGLangEngine that loads
+    `model_path` onto this rank's GPU (`sglang`: the run's rollout.sglang settings)."""
+    check_engine(name)
+    if name == "torch":
+        from ibtpo_fast.engines.torch_engine import TorchEngine
+
+        return TorchEngine(model, tokenizer=tokenizer, max_cache_tokens=max_cache_tokens)
+    import yaml
+
+    from ibtpo_fast.engines.sglang_engine import SGLangEngine
+
+    args = {"mem_fraction_static": sglang.mem_fraction_static, "enable_memory_saver": True, "dtype": dtype,
+            "random_seed": seed, "base_gpu_id": local_rank, "port": 30000 + 100 * local_rank,
+            **yaml.safe_load(sglang.engine_args or "{}")}
+    return SGLangEngine(str(model_path), weight_bucket_bytes=sglang.weight_bucket_mb << 20, **args)

@@ -100,3 +100,10 @@ def as_logprob_module(model: torch.nn.Module) -> torch.nn.Module:
     """`model` if it already computes token log-probs (a TokenLogprobs, sharded or wrapped), else a TokenLogprobs of it."""
     inner = getattr(model, "module", model)  # DistributedDataParallel keeps the module it wraps here
     return model if isinstance(inner, TokenLogprobs) else TokenLogprobs(model)
+
+
+def causal_lm_of(model: torch.nn.Module) -> tuple[torch.nn.Module, str]:
+    """The causal LM inside a policy (itself, or inside a TokenLogprobs, sharded or wrapped) and the prefix
+    its parameter names carry in the policy's state dict."""
+    inner = getattr(model, "module", model)
+    return (inner.lm, "lm.") if isinstance(inner, TokenLogprobs) else (inner, "")

@@ -11,6 +11,7 @@ samples on its own seeds. Shared prefixes are never regenerated; the engine's pr
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -143,6 +144,7 @@ class IBTreeSampler:
                             f"of the engine protocol); {type(engine).__name__} has none: use schedule='lockstep'")
         self.engine, self.tokenizer, self.reward_fn, self.cfg = engine, tokenizer, reward_fn, config
         self._trees_sampled = 0  # default tree ids continue from here, so every call draws new samples
+        self._warned_surprisal = False
 
     def state_dict(self) -> dict[str, Any]:
         return {"trees_sampled": self._trees_sampled}
@@ -322,6 +324,10 @@ class IBTreeSampler:
         # entropy: mean token entropy (surprisal where the engine gave none) of a node's next steps
         per_tok = forest.token_entropies.astype(np.float64)
         missing = np.isnan(per_tok)
+        if missing.any() and not self._warned_surprisal:
+            self._warned_surprisal = True
+            warnings.warn("strategy=entropy: the engine returns no token entropies (SGLang does not), so nodes are "
+                          "scored by the sampled tokens' surprisal, -log p, instead", RuntimeWarning, stacklevel=2)
         per_tok[missing] = -forest.token_logprobs[missing]
         node_of_tok = np.repeat(np.arange(len(forest)), forest.num_tokens)
         node_mean = np.bincount(node_of_tok, per_tok, len(forest)) / np.maximum(forest.num_tokens, 1)

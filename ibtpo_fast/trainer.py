@@ -6,7 +6,7 @@ import math
 import random
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +18,8 @@ from ibtpo_fast.config import Config, ConfigError, dump_yaml, to_dict
 from ibtpo_fast.data import PromptRow, PromptStream, encode_prompt
 from ibtpo_fast.distributed import RolloutWeights, init_world, resolve_parallel, wrap
 from ibtpo_fast.engines.protocol import SamplingParams
-from ibtpo_fast.engines.torch_engine import TorchEngine
 from ibtpo_fast.evaluation import evaluate, merge_shares
-from ibtpo_fast.loading import Task, load_policy, load_task, resolve_device, stop_token_ids
+from ibtpo_fast.loading import Task, build_engine, check_engine, load_policy, load_task, model_dir, resolve_device, stop_token_ids
 from ibtpo_fast.packing import TrainBatch, flatten, pack_trees
 from ibtpo_fast.policy import TokenLogprobs, resolve_tree_attention, supports_tree_packing
 from ibtpo_fast.runlog import RunLogger, SilentLogger, plot_metrics, read_metrics
@@ -59,6 +58,7 @@ class Trainer:
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
+        check_engine(cfg.rollout.engine)  # a missing extra or GPU fails here, before any work
         self.world = init_world()
         seed_everything(cfg.train.seed)
         self.device = self._device()
@@ -68,8 +68,9 @@ class Trainer:
         self.layout, self.tree_attention = self._resolve_layout()  # reads the whole model: before sharding
         self.parallel = resolve_parallel(cfg.train.parallel, self.world)
         sharded = self.parallel == "fsdp"
-        # A sharded policy generates from a whole replica, gathered before each rollout and freed for the update.
-        self.rollout_weights = RolloutWeights(self.model) if sharded else None
+        # TorchEngine on a sharded policy generates from a whole replica, gathered before each rollout and freed
+        # for the update (SGLang holds its own copy).
+        self.rollout_weights = RolloutWeights(self.model) if sharded and cfg.rollout.engine == "torch" else None
         ref = self._frozen_copy() if cfg.algo.kl_coef > 0 else None
         self.ref_model = wrap(TokenLogprobs(ref), "fsdp", self.world, cfg.train.param_dtype) if sharded and ref else ref
         self.policy = wrap(TokenLogprobs(self.model), self.parallel, self.world, cfg.train.param_dtype)
@@ -80,8 +81,11 @@ class Trainer:
         self.stream = PromptStream(list(range(len(self.task.train))), cfg.data.batch_size, cfg.data.seed)
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
-        self.engine_model = self.rollout_weights.model if sharded else self.model
-        self.engine = TorchEngine(self.engine_model, tokenizer=self.tokenizer, max_cache_tokens=cfg.rollout.max_cache_tokens)
+        self.engine_model = self.rollout_weights.model if self.rollout_weights else self.model
+        self.engine = build_engine(cfg.rollout.engine, self.engine_model, self.tokenizer,
+                                   model_path=model_dir(cfg.model.path, cfg.data.task), dtype=cfg.model.dtype,
+                                   seed=cfg.train.seed, local_rank=self.world.local_rank,
+                                   max_cache_tokens=cfg.rollout.max_cache_tokens, sglang=cfg.rollout.sglang)
         self.stop_ids = stop_token_ids(self.model, self.tokenizer)
         self.sampling = SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k)
         self.sampler = IBTreeSampler(self.engine, self.tokenizer, self._reward, sampler_config(cfg, self.stop_ids))
@@ -177,11 +181,20 @@ class Trainer:
                                    tree_ids)
 
     def sync_weights(self) -> None:
-        """Make the engine generate with the policy's current weights: gather a sharded policy's into the
-        replica, and flush the KV cache the old weights computed."""
+        """Make the engine generate with the policy's current weights and flush the KV cache the old ones computed.
+        An engine on the policy's own parameters needs only the flush (a sharded policy's whole replica is
+        gathered first); one with its own copy is sent every tensor, whole, one bucket at a time."""
+        if not self.engine.weights_shared:
+            self.engine.update_weights(self._whole_weights())
+            return
         if self.rollout_weights is not None:
             self.rollout_weights.gather(self.model)
         self.engine.update_weights()
+
+    def _whole_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, whole tensor) of each parameter, gathered when sharded as the engine asks for them."""
+        for name, p in self.model.named_parameters():
+            yield name, (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()
 
     def step(self) -> dict[str, float]:
         """One training step on this rank's share of the global batch. Its `timing/*` parts (rollout, reward,
@@ -197,9 +210,11 @@ class Trainer:
         batch = self.pack(rollout.forest, w)
         t_pack = time.perf_counter() - t0 - t_walk
         t0 = time.perf_counter()
+        self.engine.release_memory()  # the update gets the device memory the engine held
         update = self.update(batch)
         t_update = time.perf_counter() - t0
         t0 = time.perf_counter()
+        self.engine.resume_memory()
         self.sync_weights()
         t_sync = time.perf_counter() - t0
         self.global_step += 1

@@ -9,12 +9,11 @@ from pathlib import Path
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from ibtpo_fast.checkpoint import _causal_lm
 from ibtpo_fast.distributed import init_world, wrap
 from ibtpo_fast.engines.torch_engine import TorchEngine
 from ibtpo_fast.loading import load_policy, load_task, stop_token_ids
 from ibtpo_fast.packing import flatten, pack_trees
-from ibtpo_fast.policy import TokenLogprobs
+from ibtpo_fast.policy import TokenLogprobs, causal_lm_of
 from ibtpo_fast.sampler import IBTreeSampler, SamplerConfig
 from ibtpo_fast.update import UpdateSettings, minibatch_loss, ppo_update
 from ibtpo_fast.walk import walk
@@ -56,7 +55,7 @@ def main(out: Path) -> None:
             loss = world.sum(float(minibatch_loss(policy, batch, settings, world=world)[0]) / world.size)
         stats = ppo_update(policy, opt, batch, settings, world=world)
         full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        prefix = _causal_lm(policy)[1]
+        prefix = causal_lm_of(policy)[1]
         grads = {name.removeprefix("module.")[len(prefix):]: whole(p.grad) for name, p in policy.named_parameters()}
         if world.is_main:
             name = "-".join(filter(None, (parallel, param_dtype, layout)))

@@ -72,6 +72,13 @@ class Engine(Protocol):
 
     def flush_cache(self) -> None: ...
 
+    # True when the engine generates with the trained model's own parameters (no copy to update).
+    weights_shared: bool
+
+    def release_memory(self) -> None: ...  # before a training update: give the device memory to training
+
+    def resume_memory(self) -> None: ...  # after it: take the memory back (then send the new weights)
+
 
 def generate_by_polling(engine: Engine, requests: Sequence[Request]) -> list[Completion]:
     """`generate` on top of `submit` and `poll`: every completion, in request order. Other requests must

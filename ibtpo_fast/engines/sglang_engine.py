@@ -18,6 +18,7 @@ from ibtpo_fast.engines.protocol import Completion, Request
 from ibtpo_fast.errors import MissingExtraError
 
 NamedTensors = Mapping[str, Any] | Iterable[tuple[str, Any]]
+SGLANG_VERSION = "0.5.23"  # the `sglang` extra's pin; sglang_api.json records this release's API
 _INSTALL_HINT = "SGLangEngine needs SGLang: pip install ibtpo_fast[sglang] (on a CUDA machine)"
 
 
@@ -77,6 +78,20 @@ class SGLangEngine:
             for bucket in _buckets(items, self.weight_bucket_bytes):
                 _check(self.engine.update_weights_from_tensor(named_tensors=bucket, flush_cache=False))
         self.flush_cache()
+
+    # SGLang holds its own copy of the weights: each update must be sent (update_weights with tensors).
+    weights_shared = False
+
+    def release_memory(self) -> None:
+        """Hand the GPU memory of SGLang's weights and KV cache to training (the engine must have been started
+        with enable_memory_saver=True)."""
+        if self._tasks:
+            raise RuntimeError(f"release_memory with {len(self._tasks)} requests in flight")
+        self.engine.release_memory_occupation()
+
+    def resume_memory(self) -> None:
+        """Take the memory back after the update; the weights must then be sent again."""
+        self.engine.resume_memory_occupation()
 
     def flush_cache(self) -> None:
         if self._tasks:

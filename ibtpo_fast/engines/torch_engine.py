@@ -209,6 +209,16 @@ class TorchEngine:
                 raise KeyError(f"update_weights: the model has no parameters named {result.unexpected_keys}")
         self.flush_cache()
 
+    # Generates with the training model's own parameters: an update needs only a flush, never a copy.
+    weights_shared = True
+
+    def release_memory(self) -> None:
+        """Before an update: drop the cached K/V, which the update would make stale anyway."""
+        self.flush_cache()
+
+    def resume_memory(self) -> None:
+        """After an update: nothing to take back; the cache refills as requests arrive."""
+
     def flush_cache(self) -> None:
         if self.in_flight:
             raise RuntimeError(f"flush_cache with {self.in_flight} requests in flight: their K/V would mix weights")
