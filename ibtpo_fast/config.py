@@ -310,12 +310,15 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"rollout.tree: {e}") from None
     if cfg.data.task == "file" and not cfg.data.train_files:
         raise ConfigError("data.train_files: required when data.task=file")
-    _check_world(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    _check_world(cfg, int(os.environ.get("WORLD_SIZE", "1")), "WORLD_SIZE" in os.environ)
 
 
-def _check_world(cfg: Config, world: int) -> None:
+def _check_world(cfg: Config, world: int, torchrun: bool) -> None:
     """Each rank of a torchrun world owns whole trees: the global batch must divide, into shares that
     fill every mini-batch."""
+    if cfg.train.parallel in ("fsdp", "ddp") and not torchrun:
+        raise ConfigError(f"train.parallel: {cfg.train.parallel} needs a process group; launch with torchrun "
+                          "(torchrun --nproc-per-node N -m ibtpo_fast.train ...)")
     if cfg.data.batch_size % world:
         raise ConfigError(f"data.batch_size: {cfg.data.batch_size} trees do not divide over {world} ranks; "
                           f"use a multiple of {world}")

@@ -100,9 +100,9 @@ def _collective_device() -> torch.device:
 
 
 def init_world() -> World:
-    """The process group torchrun describes (NCCL on CUDA, gloo on CPU), or a world of one without it."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
-    if size == 1:
+    """The process group torchrun describes (NCCL on CUDA, gloo on CPU; a world of one too, so that FSDP can
+    run on one GPU), or a world of one without a process group outside torchrun."""
+    if "WORLD_SIZE" not in os.environ:
         return SINGLE
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
@@ -112,8 +112,8 @@ def init_world() -> World:
     return World(dist.get_rank(), dist.get_world_size(), local_rank)
 
 
-def close_world(world: World) -> None:
-    if world.size > 1 and dist.is_initialized():
+def close_world() -> None:
+    if dist.is_initialized():
         dist.destroy_process_group()
 
 

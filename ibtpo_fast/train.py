@@ -40,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         trainer = Trainer(cfg)  # checks what only the loaded model can tell (its attention, its device)
         result = trainer.train()
-        close_world(trainer.world)
+        close_world()
     if trainer.world.is_main:
         print(summary_table(result))
     return 0

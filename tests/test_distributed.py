@@ -29,8 +29,10 @@ def torchrun(*args, nproc=2):
             "--monitor-interval", "0.1", *args]
 
 
-def train(out_dir, *args, nproc=2):
-    cmd = torchrun("-m", "ibtpo_fast.train", *RUN, f"run.out_dir={out_dir}", *args, nproc=nproc) if nproc > 1 else \
+def train(out_dir, *args, nproc=2, launcher=None):
+    """The training command at `nproc` ranks, under torchrun when more than one (or `launcher`)."""
+    launched = nproc > 1 if launcher is None else launcher
+    cmd = torchrun("-m", "ibtpo_fast.train", *RUN, f"run.out_dir={out_dir}", *args, nproc=nproc) if launched else \
         [sys.executable, "-m", "ibtpo_fast.train", *RUN, f"run.out_dir={out_dir}", *args]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
 
@@ -148,3 +150,11 @@ def test_global_batch_must_divide_over_the_ranks(monkeypatch):
     with pytest.raises(ConfigError, match="train.mini_batches"):
         load_config(["data.batch_size=4", "train.mini_batches=4"])
     assert load_config([]).train.parallel == "auto"
+    monkeypatch.delenv("WORLD_SIZE")
+    with pytest.raises(ConfigError, match="train.parallel: fsdp needs a process group; launch with torchrun"):
+        load_config(["train.parallel=fsdp"])
+
+
+def test_fsdp_trains_on_a_single_rank_under_torchrun(tmp_path):
+    finish(train(tmp_path, "train.steps=1", "train.parallel=fsdp", nproc=1, launcher=True))
+    assert sorted(records(tmp_path)) == [0, 1]

@@ -190,3 +190,15 @@ def test_sglang_without_the_package_or_a_gpu_fails_before_any_work(monkeypatch, 
 def test_the_api_file_is_the_pinned_release(tmp_path):
     assert Path(API_FILE).is_file() and API["engine_methods"]["update_weights_from_tensor"] == [
         "named_tensors", "load_format", "flush_cache"]
+
+
+def test_each_rank_starts_its_engine_on_its_own_gpu_and_ports(sglang, monkeypatch):
+    from ibtpo_fast.config import SGLangConfig
+    from ibtpo_fast.loading import build_engine, model_dir
+
+    calls = []
+    monkeypatch.setattr(GeneratingEngine, "__init__", lambda self, **kw: calls.append(kw))
+    for rank in (0, 1, 2):
+        build_engine("sglang", None, None, model_path=model_dir(""), local_rank=rank, sglang=SGLangConfig())
+    assert [c["base_gpu_id"] for c in calls] == [0, 1, 2]
+    assert len({c["port"] for c in calls}) == 3
