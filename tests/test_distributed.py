@@ -1,6 +1,5 @@
 """Data parallelism on CPU (gloo, 2 ranks, 1 thread each): N ranks make the single-process update, a run
 killed mid-step resumes exactly, checkpoints move between world sizes, one rank's error ends every rank."""
-import json
 import os
 import signal
 import subprocess
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_resume import comparable, records, wait_inside_step_3
 from transformers import AutoModelForCausalLM
 
 from ibtpo_fast.config import ConfigError, load_config
@@ -41,14 +41,6 @@ def finish(proc, timeout=600):
     out, err = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, err[-4000:]
     return out
-
-
-def records(out_dir):
-    return {r["step"]: r for r in map(json.loads, (out_dir / "r" / "metrics.jsonl").read_text().splitlines())}
-
-
-def comparable(rec):
-    return {k: v for k, v in rec.items() if not k.startswith(("timing/", "perf/"))}
 
 
 @pytest.fixture(scope="module")
@@ -93,12 +85,7 @@ def test_killed_two_rank_run_resumes_as_if_uninterrupted(tmp_path):
     finish(whole)
     crashed = tmp_path / "crashed"
     proc = train(crashed, f"data.reward_fn={SLOW}")
-    ckpt = crashed / "r" / "checkpoints" / "global_step_2"
-    deadline = time.time() + 600
-    while not (ckpt / "trainer_state.pt").exists():  # step 3 starts right after this checkpoint
-        assert proc.poll() is None and time.time() < deadline, "run ended before its step-2 checkpoint"
-        time.sleep(0.05)
-    time.sleep(0.3)
+    wait_inside_step_3(proc, crashed)
     worker = [int(p) for p in subprocess.run(["pgrep", "-f", "-P", str(proc.pid), "ibtpo_fast.train"],
                                              capture_output=True, text=True).stdout.split()]
     assert worker, "no rank to kill"

@@ -39,6 +39,16 @@ def comparable(rec):
     return {k: v for k, v in rec.items() if not k.startswith(("timing/", "perf/"))}
 
 
+def wait_inside_step_3(proc, out_dir):
+    """Return once run `proc` (writing to out_dir/r) has published its step-2 checkpoint and begun step 3."""
+    ckpt = out_dir / "r" / "checkpoints" / "global_step_2"
+    deadline = time.time() + 600
+    while not (ckpt / "trainer_state.pt").exists():  # step 3 starts right after this checkpoint
+        assert proc.poll() is None and time.time() < deadline, "run ended before its step-2 checkpoint"
+        time.sleep(0.05)
+    time.sleep(0.3)
+
+
 def test_sigkill_mid_step_then_resume_matches_uninterrupted(tmp_path):
     whole = launch(tmp_path / "whole")
     _, err = whole.communicate(timeout=600)
@@ -46,12 +56,7 @@ def test_sigkill_mid_step_then_resume_matches_uninterrupted(tmp_path):
 
     crashed = tmp_path / "crashed"
     proc = launch(crashed)
-    ckpt = crashed / "r" / "checkpoints" / "global_step_2"
-    deadline = time.time() + 600
-    while not (ckpt / "trainer_state.pt").exists():  # step 3 starts right after this checkpoint
-        assert proc.poll() is None and time.time() < deadline, "run ended before its step-2 checkpoint"
-        time.sleep(0.05)
-    time.sleep(0.3)
+    wait_inside_step_3(proc, crashed)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert 3 not in records(crashed)  # killed inside step 3
