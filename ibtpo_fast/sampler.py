@@ -324,7 +324,8 @@ class IBTreeSampler:
         # entropy: mean token entropy (surprisal where the engine gave none) of a node's next steps
         per_tok = forest.token_entropies.astype(np.float64)
         missing = np.isnan(per_tok)
-        if missing.any() and not self._warned_surprisal:
+        generated = np.repeat(forest.parent >= 0, forest.num_tokens)  # a prompt has no sampled entropies
+        if (missing & generated).any() and not self._warned_surprisal:
             self._warned_surprisal = True
             warnings.warn("strategy=entropy: the engine returns no token entropies (SGLang does not), so nodes are "
                           "scored by the sampled tokens' surprisal, -log p, instead", RuntimeWarning, stacklevel=2)

@@ -210,33 +210,39 @@ SAMPLING_ARMS = {
 }
 
 
+PAPER_LAMBDA = 0.1
+
+
 def sampling_table(problems: int, overrides: Sequence[str]) -> str:
     """Trees of every arm in SAMPLING_ARMS on the first `problems` training prompts, sampled from the
     starting model: trajectories and generated tokens per tree, share of effective trees (leaf rewards
-    not all equal), mean trajectory accuracy."""
+    not all equal), mean trajectory accuracy, and how large IB-TPO's local advantage is against the
+    global one on those trees (lambda = 0.1, token-weighted means of the absolute values)."""
     from ibtpo_fast.config import load_config
 
     lines = ["| branching | trajectories per tree | tokens per tree | effective trees | trajectory accuracy | "
-             "trajectories per 1k tokens |", "|---|---|---|---|---|---|"]
+             "trajectories per 1k tokens | 0.1 mean abs A_IB / mean abs A_GL |", "|---|---|---|---|---|---|---|"]
     for arm, arm_args in SAMPLING_ARMS.items():
-        trees, traj, tokens, eff, correct = _sample_arm(load_config([*arm_args, *overrides]), problems)
+        trees, traj, tokens, eff, correct, ib, gl = _sample_arm(load_config([*arm_args, *overrides]), problems)
         lines.append(f"| {arm} | {traj / trees:.1f} | {tokens / trees:.0f} | {100 * eff / trees:.1f}% | "
-                     f"{100 * correct / traj:.1f}% | {1000 * traj / tokens:.1f} |")
+                     f"{100 * correct / traj:.1f}% | {1000 * traj / tokens:.1f} | {PAPER_LAMBDA * ib / max(gl, 1e-12):.3f} |")
     return f"{trees} training problems, one tree each, sampled from the starting model.\n\n" + "\n".join(lines) + "\n"
 
 
-def _sample_arm(cfg, problems: int, chunk: int = 128) -> tuple[int, float, float, float, float]:
-    """(trees, trajectories, generated tokens, effective trees, summed leaf rewards) of one arm."""
+def _sample_arm(cfg, problems: int, chunk: int = 128) -> tuple[int, float, float, float, float, float, float]:
+    """(trees, trajectories, generated tokens, effective trees, summed leaf rewards, token-weighted sums of
+    |A_IB| and |A_GL|) of one arm."""
     from ibtpo_fast.data import encode_prompt
     from ibtpo_fast.engines.torch_engine import TorchEngine
     from ibtpo_fast.loading import load_policy, resolve_device, stop_token_ids
     from ibtpo_fast.sampler import IBTreeSampler
     from ibtpo_fast.trainer import sampler_config, task_of
+    from ibtpo_fast.walk import walk
 
     task = task_of(cfg, val_size=1)
     model, tok = load_policy(cfg.model.path, resolve_device(cfg.model.device), cfg.model.dtype, task=cfg.data.task)
     rows = task.train[:problems]
-    totals = np.zeros(4)
+    totals = np.zeros(6)
     with task.scorer(cfg.rollout.reward_timeout_s) as scorer:
         def reward(batch_rows, responses):
             texts = tok.batch_decode([r.tolist() for r in responses], skip_special_tokens=True)
@@ -246,10 +252,14 @@ def _sample_arm(cfg, problems: int, chunk: int = 128) -> tuple[int, float, float
         sampler = IBTreeSampler(TorchEngine(model, tokenizer=tok), tok, reward, sampler_config(cfg, stop_token_ids(model, tok)))
         for start in range(0, len(rows), chunk):
             part = rows[start : start + chunk]
-            m = sampler.sample([encode_prompt(r, tok, cfg.data.max_prompt_tokens) for r in part], part).metrics
-            n = len(part)
+            rollout = sampler.sample([encode_prompt(r, tok, cfg.data.max_prompt_tokens) for r in part], part)
+            m, n = rollout.metrics, len(part)
+            w = walk(rollout.forest, beta=cfg.algo.beta, lam=PAPER_LAMBDA, eps=cfg.algo.eps, step_prob=cfg.algo.step_prob)
+            steps = rollout.forest.parent >= 0
+            tokens = rollout.forest.num_tokens[steps]
             totals += [m["tree/trajectories"] * n, m["tree/generated_tokens"] * n, m["tree/eff_rate"] * n,
-                       m["critic/score/mean"] * m["tree/trajectories"] * n]
+                       m["critic/score/mean"] * m["tree/trajectories"] * n,
+                       float(np.nansum(np.abs(w.adv_ib[steps]) * tokens)), float(np.nansum(np.abs(w.adv_global[steps]) * tokens))]
     return len(rows), *totals
 
 

@@ -1,5 +1,6 @@
 """The study command end to end on a 2-step, 2-seed run, and its statistics."""
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -43,8 +44,11 @@ def test_bad_presets_overrides_and_failed_runs(tmp_path, capsys):
 
 
 def test_branching_table_sampling_only(tmp_path):
-    assert study.main(["--sampling", "3", "--out", str(tmp_path)]) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # TorchEngine gives entropies: no surprisal fallback
+        assert study.main(["--sampling", "3", "--out", str(tmp_path)]) == 0
     text = (tmp_path / "sampling.md").read_text()
     rows = [line for line in text.splitlines() if line.startswith("| ") and "branching" not in line]
     assert [r.split(" | ")[0][2:] for r in rows] == list(study.SAMPLING_ARMS)
     assert [r.split(" | ")[1] for r in rows] == ["8.0", "12.0", "12.0", "12.0", "12.0"]  # the specs' trajectories
+    assert all(0 <= float(r.split(" | ")[6].rstrip(" |")) < 1 for r in rows)  # the local advantage's relative size
