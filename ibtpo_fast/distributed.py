@@ -113,7 +113,10 @@ def init_world() -> World:
 
 
 def close_world() -> None:
+    """Every rank reaches the end before any tears its process group down: gloo aborts a process whose
+    peer destroyed the group under it."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
