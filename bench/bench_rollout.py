@@ -28,9 +28,10 @@ from ibtpo_fast.engines.radix_cache import common_prefix_length
 from ibtpo_fast.engines.torch_engine import TorchEngine
 from ibtpo_fast.sampler import IBTreeSampler, SamplerConfig, TreeSpec
 from ibtpo_fast.smollm import load_smollm2, smollm2_dir
-from ibtpo_fast.tasks import STEP_DELIMITER, ArithmeticConfig, compute_score, make_split, tiny_model_path
+from ibtpo_fast.tasks import BUNDLED, STEP_DELIMITER, ArithmeticConfig, compute_score, make_split, tiny_model_path
 from ibtpo_fast.tasks.arithmetic import question_of
-from ibtpo_fast.tasks.make_tiny_model import MAX_NEW_TOKENS as MAX_NEW  # the bundled model's response cap
+
+MAX_NEW = BUNDLED["arithmetic"].max_new_tokens  # the bundled task's response cap
 
 PROBLEMS = 128  # prompts in one rollout batch, a small RL batch
 # Log-probs of the same tokens after a cached and after a recomputed prefix (fp32): measured 5e-6 on the
