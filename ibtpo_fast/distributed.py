@@ -120,6 +120,12 @@ def close_world() -> None:
         dist.destroy_process_group()
 
 
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind `t`: all-gathered from its shards when FSDP holds it as a DTensor (every rank
+    must ask, in the same order), `t` itself otherwise."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def resolve_parallel(choice: str, world: World) -> str:
     """The sharding a run uses: `auto` is FSDP2 on several ranks and none on one."""
     if choice == "auto":
@@ -176,8 +182,7 @@ class RolloutWeights:
     def gather(self, sharded_lm: torch.nn.Module) -> None:
         mine = dict(self.model.named_parameters())
         for name, p in sharded_lm.named_parameters():  # one order on every rank: the collectives pair up
-            full = p.full_tensor() if hasattr(p, "full_tensor") else p
-            mine[name].data = full.detach().to(mine[name].dtype)
+            mine[name].data = whole(p).detach().to(mine[name].dtype)
 
     def free(self) -> None:
         for p in self.model.parameters():

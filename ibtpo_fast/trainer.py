@@ -16,7 +16,7 @@ import torch
 from ibtpo_fast.checkpoint import find_latest, load_checkpoint, save_checkpoint, set_rng_state
 from ibtpo_fast.config import Config, ConfigError, dump_yaml, to_dict
 from ibtpo_fast.data import PromptRow, PromptStream, encode_prompt
-from ibtpo_fast.distributed import RolloutWeights, init_world, resolve_parallel, wrap
+from ibtpo_fast.distributed import RolloutWeights, init_world, resolve_parallel, whole, wrap
 from ibtpo_fast.engines.protocol import SamplingParams
 from ibtpo_fast.evaluation import evaluate, merge_shares
 from ibtpo_fast.loading import Task, build_engine, check_engine, load_policy, load_task, model_dir, resolve_device, stop_token_ids
@@ -194,7 +194,7 @@ class Trainer:
     def _whole_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, whole tensor) of each parameter, gathered when sharded as the engine asks for them."""
         for name, p in self.model.named_parameters():
-            yield name, (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()
+            yield name, whole(p).detach()
 
     def step(self) -> dict[str, float]:
         """One training step on this rank's share of the global batch. Its `timing/*` parts (rollout, reward,

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ibtpo_fast.distributed import SINGLE, World
+from ibtpo_fast.distributed import SINGLE, World, whole
 from ibtpo_fast.losses import ppo_clip_loss, token_coefficients
 from ibtpo_fast.packing import TrainBatch
 from ibtpo_fast.policy import as_logprob_module
@@ -114,7 +114,7 @@ def _step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: torch.
     if world.all_true(bool(torch.isfinite(loss))):
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
-        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a replicated DTensor
+        norm = whole(norm)  # FSDP2: a replicated DTensor
     else:
         norm = torch.tensor(float("nan"))
     if not torch.isfinite(norm):

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from ibtpo_fast.distributed import init_world, wrap
+from ibtpo_fast.distributed import init_world, whole, wrap
 from ibtpo_fast.engines.torch_engine import TorchEngine
 from ibtpo_fast.loading import load_policy, load_task, stop_token_ids
 from ibtpo_fast.packing import flatten, pack_trees
@@ -29,10 +29,6 @@ def global_forest(model, tok, task):
                                                        stop_token_ids=stop_token_ids(model, tok), seed=3))
     rows = task.train[:TREES]
     return sampler.sample([tok.encode(r.prompt, add_special_tokens=False) for r in rows], rows).forest
-
-
-def whole(t: torch.Tensor) -> torch.Tensor:
-    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
 
 
 def main(out: Path) -> None:
@@ -56,7 +52,7 @@ def main(out: Path) -> None:
         stats = ppo_update(policy, opt, batch, settings, world=world)
         full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         prefix = causal_lm_of(policy)[1]
-        grads = {name.removeprefix("module.")[len(prefix):]: whole(p.grad) for name, p in policy.named_parameters()}
+        grads = {name.removeprefix("module.")[len(prefix):]: whole(p.grad).detach().clone() for name, p in policy.named_parameters()}
         if world.is_main:
             name = "-".join(filter(None, (parallel, param_dtype, layout)))
             torch.save({"loss": loss, "grad_norm": stats["actor/grad_norm"], "grads": grads,
