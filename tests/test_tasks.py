@@ -1,5 +1,6 @@
 """Arithmetic task: deterministic disjoint splits, correct solutions, robust reward, tokenizer."""
 import re
+from collections import Counter
 
 import pytest
 from hypothesis import given, settings
@@ -141,11 +142,20 @@ def test_response_budget_holds_the_longest_solution_and_its_stop_token(cfg):
     assert longest + 1 <= response_budget(cfg) < longest + 1 + 40
 
 
-def test_hard_task_mixes_every_length_from_two_to_nine_operations():
-    rows = load_task("arithmetic_hard", val_size=512).val
-    lengths = {len(parse_prompt(r.prompt)[1]) for r in rows}
-    assert lengths == set(range(2, 10))
+def test_hard_task_mixes_every_length_from_two_to_nine_operations_in_equal_shares():
+    rows = load_task("arithmetic_hard", val_size=1024).val
+    counts = Counter(len(parse_prompt(r.prompt)[1]) for r in rows)
+    assert set(counts) == set(range(2, 10))
+    assert all(abs(c - 128) < 40 for c in counts.values()), counts  # binomial sd about 11
     assert all(split_of(r.prompt) == "test" for r in rows)
+
+
+def test_balancing_lengths_leaves_the_unbalanced_stream_as_it_was():
+    cfg = ArithmeticConfig(num_ops_min=2, num_ops_max=9)
+    unbalanced = Counter(len(parse_prompt(p.prompt)[1]) for p in make_split("train", 1000, cfg))
+    assert unbalanced[9] < unbalanced[2] / 3  # long problems leave [0, 99] more often, so the plain stream has few
+    # the default task never sets balance_ops: its problems are those it always had
+    assert make_split("test", 2)[0].prompt.endswith("\n5*3+7-4-4=?\n")
 
 
 @pytest.mark.parametrize("task,budget", [("arithmetic", 64), ("arithmetic_hard", 96), ("file", 256)])

@@ -72,7 +72,8 @@ def test_recorded_accuracy_in_band(meta):
 def test_hard_model_fails_more_the_longer_the_problem():
     by_ops = json.loads((BUNDLED["arithmetic_hard"].model_path / META_FILE).read_text())["heldout_acc_t1_by_ops"]
     assert sorted(map(int, by_ops)) == list(range(2, 10))
-    assert by_ops["2"] >= 0.6 and by_ops["9"] <= 0.2 and by_ops["8"] < by_ops["5"] < by_ops["2"]
+    # first samples of long problems are mostly wrong, of short ones mostly right
+    assert by_ops["2"] >= 0.5 and by_ops["9"] <= 0.2 and by_ops["8"] < by_ops["5"] < by_ops["2"]
 
 
 def test_quick_heldout_accuracy_at_t1(model_and_tok, meta):

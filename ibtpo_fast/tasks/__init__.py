@@ -1,7 +1,8 @@
 """Bundled tasks and models: multi-step arithmetic and tiny char-level Qwen2 models that solve it.
 
-`arithmetic` is the quick default (3 to 5 operations); `arithmetic_hard` mixes 2 to 9 operations, so
-that the long problems are mostly failed at first and many GRPO groups carry no signal. Each task
+`arithmetic` is the quick default (3 to 5 operations); `arithmetic_hard` mixes 2 to 9 operations in
+equal shares, so that the long problems, mostly failed at first, are common and many GRPO groups
+carry no signal. Each task
 has its own model, trained for its range by `python -m ibtpo_fast.tasks.make_tiny_model --task NAME`.
 """
 from __future__ import annotations
@@ -47,7 +48,8 @@ class BundledTask:
 
 BUNDLED: dict[str, BundledTask] = {
     "arithmetic": BundledTask("arithmetic", ArithmeticConfig(), "tiny_model"),
-    "arithmetic_hard": BundledTask("arithmetic_hard", ArithmeticConfig(num_ops_min=2, num_ops_max=9), "tiny_model_hard"),
+    "arithmetic_hard": BundledTask("arithmetic_hard", ArithmeticConfig(num_ops_min=2, num_ops_max=9, balance_ops=True),
+                                   "tiny_model_hard"),
 }
 
 

@@ -12,8 +12,10 @@ then sums left to right) and ends with the answer line:
 
 Every intermediate result lies in [0, max_result]: expressions that would go negative or grow
 past the cap are redrawn, so a tiny character-level model never has to write a minus sign in a
-result or handle long numbers. The defaults (3-5 operations, operands 1..9, results up to 99)
-are sized for the bundled tiny model.
+result or handle long numbers. Long expressions leave the range more often, so redrawing the whole
+problem makes them rare; `balance_ops` redraws at the drawn length instead, so every length from
+`num_ops_min` to `num_ops_max` is equally common. The defaults (3-5 operations, operands 1..9,
+results up to 99) are sized for the bundled tiny model.
 
 Train and test problems are told apart by a CRC32 hash of the question, so the splits are
 disjoint for every seed and instruction, and identical on every machine.
@@ -47,6 +49,7 @@ class ArithmeticConfig:
     max_result: int = 99
     seed: int = 0
     instruction: str = INSTRUCTION
+    balance_ops: bool = False  # every number of operations equally common (else long ones are rarer)
 
     def to_dict(self) -> dict[str, int | str]:
         return asdict(self)
@@ -115,9 +118,8 @@ def step_results(steps: list[str]) -> list[int]:
     return [int(s.rsplit("=", 1)[1]) for s in steps]
 
 
-def _draw(rng: random.Random, cfg: ArithmeticConfig) -> Problem | None:
-    """One random problem, or None when an intermediate result leaves [0, max_result]."""
-    n_ops = rng.randint(cfg.num_ops_min, cfg.num_ops_max)
+def _draw(rng: random.Random, cfg: ArithmeticConfig, n_ops: int) -> Problem | None:
+    """One random problem of `n_ops` operations, or None when an intermediate result leaves [0, max_result]."""
     operands = [rng.randint(1, cfg.max_operand) for _ in range(n_ops + 1)]
     ops = [rng.choice(_OPS) for _ in range(n_ops)]
     steps, value = solve(operands, ops)
@@ -142,7 +144,10 @@ def iter_problems(split: str, cfg: ArithmeticConfig = ArithmeticConfig()) -> Ite
         raise ValueError(f"instruction must end with a newline and hold no digits, operators or '=': {cfg.instruction!r}")
     rng = random.Random(f"arithmetic:{cfg.seed}:{split}")
     while True:
-        p = _draw(rng, cfg)
+        n_ops = rng.randint(cfg.num_ops_min, cfg.num_ops_max)
+        p = _draw(rng, cfg, n_ops)
+        while cfg.balance_ops and p is None:
+            p = _draw(rng, cfg, n_ops)
         if p is not None and split_of(p.prompt) == split:
             yield p
 
