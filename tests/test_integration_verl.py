@@ -20,6 +20,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from threads import one_thread  # noqa: F401  (autouse)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import ibtpo_fast.integrations.verl as verl_adapter
@@ -100,15 +101,6 @@ def dataset_rows(problems) -> dict[str, np.ndarray]:
 
 def repeated(rows: dict[str, np.ndarray], n: int = G) -> dict[str, np.ndarray]:
     return {k: np.repeat(v, n, axis=0) for k, v in rows.items()}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and the suite shares its cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from threads import one_thread  # noqa: F401  (autouse)
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
@@ -29,15 +30,6 @@ FAMILIES = {
     ),
     "qwen2-eager": lambda: Qwen2ForCausalLM(Qwen2Config(**TINY, attn_implementation="eager")),
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and the suite shares its cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_model(family: str = "qwen2") -> torch.nn.Module:
