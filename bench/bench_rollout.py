@@ -286,6 +286,44 @@ def test_continuous_expansion(benchmark, claim, tiny):
     schedules(benchmark, claim, model, tok, problems, prompts, rounds=1 if benchmark.disabled else 3)
 
 
+# A decode step of 16 rows against one of 128 (target: <= 0.4x: its cost follows the rows it carries), and
+# the engine's plain decode forward against the model's own forward (target: >= 1.2x fewer ms a step at 16 rows).
+SMALL_STEP_TARGET = 0.4
+PLAIN_FORWARD_TARGET = 1.2
+STEP_ROWS = (1, 16, 64, 128)
+
+
+def decode_step_ms(engine: TorchEngine, prompts: list[list[int]], rows: int, short: int, long: int) -> float:
+    """ms per decode step of `rows` rows: (time of `long` new tokens - time of `short`) / (long - short),
+    which takes out the prefill; no stop token, so every row decodes to the end."""
+    def seconds(new: int) -> float:
+        requests = [Request(prompts[i % len(prompts)], new, SamplingParams(seed=i)) for i in range(rows)]
+        engine.flush_cache()
+        t0 = time.perf_counter()
+        engine.generate(requests)
+        return time.perf_counter() - t0
+
+    return 1000 * (seconds(long) - seconds(short)) / (long - short)
+
+
+def test_decode_step(benchmark, claim, tiny):
+    """TorchEngine's decode step on the bundled model by rows, plain decode forward against the model's own."""
+    model, tok = tiny
+    _, prompts = workload(benchmark, tok)
+    short, long = (2, 4) if benchmark.disabled else (8, 56)
+    plain, own = TorchEngine(model, tokenizer=tok), TorchEngine(model, tokenizer=tok, plain_decode=False)
+    assert plain.decode_forward is not None
+    runs = {(name, rows): partial(lambda engine, rows: (None, decode_step_ms(engine, prompts, rows, short, long)),
+                                  engine, rows)
+            for rows in STEP_ROWS for name, engine in (("plain", plain), ("model", own))}
+    res = benchmark.pedantic(interleaved, (runs, 1 if benchmark.disabled else 5), rounds=1, iterations=1)
+    ms = {key: seconds for key, (_, seconds) in res.items()}
+    benchmark.extra_info.update({f"{name}_ms_per_step_{rows}_rows": v for (name, rows), v in ms.items()})
+    claim("step_16_vs_128_rows", ms["plain", 16] / ms["plain", 128], SMALL_STEP_TARGET, higher_is_better=False)
+    claim("plain_vs_model_forward_16_rows", ms["model", 16] / ms["plain", 16], PLAIN_FORWARD_TARGET)
+    claim("plain_vs_model_forward_128_rows", ms["model", 128] / ms["plain", 128])
+
+
 def smollm2_workload(n: int, task: ArithmeticConfig = ArithmeticConfig()):
     """SmolLM2-135M-Instruct asked held-out questions through its chat template (~60-token prompts)."""
     model, tok = load_smollm2()

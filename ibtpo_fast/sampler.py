@@ -236,8 +236,10 @@ class IBTreeSampler:
             leaves = [self._attach(batch, b, c) for t in done_trees for b, c in zip(branches.pop(t), returned.pop(t))]
             self._score(batch, leaves)
             grow = [t for t in done_trees if rounds[t] < cfg.tree.L]
+            nxt = []
+            for r in sorted({int(rounds[t]) for t in grow}):  # one walk for the trees that finished round r
+                nxt += self._next_round(batch, [t for t in grow if rounds[t] == r], r)
             rounds[grow] += 1
-            nxt = [b for t in grow for b in self._next_round(batch, [t], int(rounds[t]) - 1)]
             if nxt:
                 submit(nxt)
 

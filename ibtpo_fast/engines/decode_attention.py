@@ -25,13 +25,24 @@ def decode_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     if q_len != 1 or kwargs.get("softcap") is not None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
+    blocked = None if attention_mask is None else ~attention_mask
+    out = grouped_decode_attention(query.reshape(rows, heads, dim), key, value, blocked,
+                                   dim**-0.5 if scaling is None else scaling)
+    return out.view(rows, 1, heads, dim), None
+
+
+def grouped_decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                             blocked: torch.Tensor | None, scaling: float) -> torch.Tensor:
+    """One query a row: query [B, H, D], key/value [B, H_kv, L, D], `blocked` [B, 1, 1, L] (True: not
+    attended) -> [B, H, D]. Scores and softmax in fp32."""
+    rows, heads, dim = query.shape
     kv_heads = key.shape[1]
     grouped = query.reshape(rows, kv_heads, heads // kv_heads, dim)  # the query heads sharing each K/V head
-    scores = torch.matmul(grouped, key.transpose(-1, -2)).float() * (dim**-0.5 if scaling is None else scaling)
-    if attention_mask is not None:
-        scores = scores.masked_fill(~attention_mask, float("-inf"))
+    scores = torch.matmul(grouped, key.transpose(-1, -2)).float() * scaling
+    if blocked is not None:
+        scores.masked_fill_(blocked, float("-inf"))
     out = torch.matmul(scores.softmax(-1).to(value.dtype), value)
-    return out.reshape(rows, heads, 1, dim).transpose(1, 2), None
+    return out.view(rows, heads, dim)
 
 
 AttentionInterface.register(DECODE_ATTENTION, decode_attention_forward)

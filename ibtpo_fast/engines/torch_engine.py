@@ -28,6 +28,7 @@ import torch
 from ibtpo_fast.attention_impl import attention_implementation, head_dim
 from ibtpo_fast.engines.batch_kv import BatchKV
 from ibtpo_fast.engines.decode_attention import DECODE_ATTENTION
+from ibtpo_fast.engines.decode_forward import DecodeForward, decode_forward_for
 from ibtpo_fast.engines.protocol import Completion, Request, generate_by_polling
 from ibtpo_fast.engines.radix_cache import PrefixMatch, RadixCache, common_prefix_length
 from ibtpo_fast.engines.token_sampler import TokenSampler
@@ -129,10 +130,13 @@ class TorchEngine:
         use_cache: bool = True,
         max_batch_size: int | None = None,
         tokenizer: Any = None,
+        plain_decode: bool = True,
     ) -> None:
         """`device` / `dtype`, when given, move / cast `model` in place. `max_cache_tokens` caps the
         prefix cache; `max_batch_size` caps how many requests decode together (the rest wait);
-        `tokenizer` (anything with `.decode(ids)`) is needed only for stop strings."""
+        `tokenizer` (anything with `.decode(ids)`) is needed only for stop strings. `plain_decode`: decode
+        steps of a Llama-family model run as plain tensor ops (`decode_forward`), skipping transformers'
+        module plumbing; False, or any other model, runs every step through the model's own forward."""
         if max_batch_size is not None and max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if device is not None or dtype is not None:
@@ -145,6 +149,8 @@ class TorchEngine:
         self._read_config(model.config.get_text_config())
         forward_args = inspect.signature(model.forward).parameters
         self._cache_arg = "cache" if "cache" in forward_args else "past_key_values"
+        self.plain_decode = plain_decode
+        self.decode_forward: DecodeForward | None = decode_forward_for(model) if plain_decode else None
         self._queue: list[tuple[int, Request]] = []  # submitted, waiting for room in the batch
         self._running: _Running | None = None
         self._next_handle = 0
@@ -223,6 +229,8 @@ class TorchEngine:
         if self.in_flight:
             raise RuntimeError(f"flush_cache with {self.in_flight} requests in flight: their K/V would mix weights")
         self.cache.reset()
+        if self.plain_decode:  # the model's modules may have been replaced since
+            self.decode_forward = decode_forward_for(self.model)
 
     # ---- statistics ------------------------------------------------------------------------------
 
@@ -417,9 +425,7 @@ class TorchEngine:
     def _forward(self, ids, positions, mask, distance, kv: BatchKV) -> torch.Tensor:
         """Run the model on `ids` [rows, q] with a boolean `mask` [rows, 1, q, kv_len]; returns the last
         position's logits [rows, vocab]."""
-        masks = {"full_attention": mask}
-        if "sliding_attention" in self.layer_types:
-            masks["sliding_attention"] = mask & (distance < self.sliding_window)
+        masks = self._layer_masks(mask, distance)
         if self.attn_impl == "eager":
             low = torch.finfo(self._dtype()).min
             masks = {
@@ -434,6 +440,13 @@ class TorchEngine:
                 use_cache=True, logits_to_keep=1, **{self._cache_arg: kv},
             )
         return out.logits[:, -1]
+
+    def _layer_masks(self, mask: torch.Tensor, distance: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The boolean attention mask of each kind of layer the model has (sliding layers see a window)."""
+        masks = {"full_attention": mask}
+        if "sliding_attention" in self.layer_types:
+            masks["sliding_attention"] = mask & (distance < self.sliding_window)
+        return masks
 
     def _token_sampler(self, rows: list[_Row], logits: torch.Tensor) -> TokenSampler:
         return TokenSampler([row.request.sampling for row in rows], logits.shape[1], logits.device)
@@ -522,8 +535,12 @@ class TorchEngine:
         columns = torch.arange(kv.start, kv.cursor + 1, device=tokens.device)
         mask = (columns[None, :] >= kv.pads[:, None])[:, None, None]
         distance = kv.cursor - columns
-        positions = (kv.cursor - kv.pads)[:, None]
-        logits = self._forward(tokens[:, None], positions, mask, distance, kv)
+        positions = kv.cursor - kv.pads
+        if self.decode_forward is not None:
+            blocked = {kind: ~m for kind, m in self._layer_masks(mask, distance).items()}
+            logits = self.decode_forward(tokens, positions, blocked, kv)
+        else:
+            logits = self._forward(tokens[:, None], positions[:, None], mask, distance, kv)
         kv.cursor += 1
         return logits
 
