@@ -24,7 +24,6 @@ this mirrors).
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import copy
 import importlib
 from argparse import Namespace
@@ -36,7 +35,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ibtpo_fast.engines.protocol import Completion, Request, SamplingParams, generate_by_polling
+from ibtpo_fast.engines.loop_client import LoopClientEngine
+from ibtpo_fast.engines.protocol import Completion, Request, SamplingParams
 from ibtpo_fast.engines.sglang_engine import sampling_params, to_completion
 from ibtpo_fast.errors import MissingExtraError
 from ibtpo_fast.leaf_batch import LeafBatch, leaf_batch
@@ -60,15 +60,15 @@ def _slime(module: str, what: str) -> ModuleType:
         raise MissingExtraError(f"{what} {_INSTALL_HINT}") from error
 
 
-class SlimeRouterEngine:
+class SlimeRouterEngine(LoopClientEngine):
     """The engine contract on slime's SGLang router: each request is one POST to its /generate, run on
-    an event loop in another thread (slime's own background loop, where its HTTP client lives), so the
-    sampler's calling thread only waits on the answers."""
+    slime's own background loop, where its HTTP client lives."""
+
+    owner = "slime's train loop manages the SGLang servers behind its router"
 
     def __init__(self, url: str, post: Post, loop: asyncio.AbstractEventLoop) -> None:
-        self.url, self.loop, self._post = url, loop, post
-        self._pending: dict[int, concurrent.futures.Future] = {}
-        self._next_handle = 0
+        super().__init__(loop)
+        self.url, self._post = url, post
 
     @classmethod
     def from_args(cls, args: Namespace) -> SlimeRouterEngine:
@@ -77,48 +77,10 @@ class SlimeRouterEngine:
         loop = _slime("slime.utils.async_utils", "SlimeRouterEngine").get_async_loop().loop
         return cls(f"http://{args.sglang_router_ip}:{args.sglang_router_port}/generate", post, loop)
 
-    def submit(self, requests: Sequence[Request]) -> list[int]:
-        handles = list(range(self._next_handle, self._next_handle + len(requests)))
-        self._next_handle += len(requests)
-        for handle, request in zip(handles, requests):
-            payload = {"input_ids": [int(t) for t in request.prefix_ids], "sampling_params": sampling_params(request),
-                       "return_logprob": True}
-            self._pending[handle] = asyncio.run_coroutine_threadsafe(self._post(self.url, payload), self.loop)
-        return handles
-
-    def poll(self) -> list[tuple[int, Completion]]:
-        """Wait until at least one request is answered; the (handle, completion) pairs that are."""
-        if not self._pending:
-            return []
-        concurrent.futures.wait(self._pending.values(), return_when=concurrent.futures.FIRST_COMPLETED)
-        done = [h for h, future in self._pending.items() if future.done()]
-        return [(h, to_completion(self._pending.pop(h).result(), h)) for h in done]
-
-    @property
-    def in_flight(self) -> int:
-        return len(self._pending)
-
-    def generate(self, requests: Sequence[Request]) -> list[Completion]:
-        return generate_by_polling(self, requests)
-
-    # slime's train loop owns the servers behind the router: it sends each weight update itself.
-    weights_shared = False
-
-    def update_weights(self, named_tensors: Mapping[str, Any] | None = None) -> None:
-        _owned_by_slime("update_weights")
-
-    def flush_cache(self) -> None:
-        _owned_by_slime("flush_cache")
-
-    def release_memory(self) -> None:
-        _owned_by_slime("release_memory")
-
-    def resume_memory(self) -> None:
-        _owned_by_slime("resume_memory")
-
-
-def _owned_by_slime(what: str) -> None:
-    raise RuntimeError(f"SlimeRouterEngine.{what}: slime's train loop manages the SGLang servers behind its router")
+    async def _complete(self, request: Request, handle: int) -> Completion:
+        payload = {"input_ids": [int(t) for t in request.prefix_ids], "sampling_params": sampling_params(request),
+                   "return_logprob": True}
+        return to_completion(await self._post(self.url, payload), handle)
 
 
 def tree_spec(args: Namespace) -> TreeSpec:

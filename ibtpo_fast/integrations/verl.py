@@ -31,7 +31,6 @@ dropped silently); use actor.use_kl_loss. Validation batches go to verl's own Ag
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import importlib
 import threading
 import uuid
@@ -44,7 +43,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ibtpo_fast.engines.protocol import Completion, Request, SamplingParams, generate_by_polling
+from ibtpo_fast.engines.loop_client import LoopClientEngine
+from ibtpo_fast.engines.protocol import Completion, Request, SamplingParams
 from ibtpo_fast.errors import MissingExtraError
 from ibtpo_fast.leaf_batch import LeafBatch, leaf_batch
 from ibtpo_fast.rewards import RewardScorer
@@ -69,18 +69,17 @@ def _verl(module: str) -> ModuleType:
 
 
 # ---- the engine contract on verl's rollout servers -----------------------------------------------
-class VerlServerEngine:
+class VerlServerEngine(LoopClientEngine):
     """The engine contract on verl's `LLMServerClient` (verl/workers/rollout/llm_server.py), whose async
     `generate(request_id, prompt_ids=, sampling_params=)` returns a `TokenOutput` (token_ids, log_probs,
-    stop_reason). Requests run on an event loop in a thread of their own, so the sampler's thread only
-    waits on answers and each tree's next round joins the servers' batch as soon as it is rewarded."""
+    stop_reason). Requests run on an event loop in a thread of its own."""
+
+    owner = "verl's checkpoint manager owns the rollout servers' weights and memory"
 
     def __init__(self, client: Any, seed_key: str | None = "seed") -> None:
-        self.client, self.seed_key = client, seed_key
-        self.loop = asyncio.new_event_loop()
+        super().__init__(asyncio.new_event_loop())
         threading.Thread(target=self.loop.run_forever, name="ibtpo-verl-engine", daemon=True).start()
-        self._pending: dict[int, concurrent.futures.Future] = {}
-        self._next_handle = 0
+        self.client, self.seed_key = client, seed_key
         self._sessions: dict[tuple[int, ...], str] = {}
 
     def open_sessions(self, prompts: Sequence[Sequence[int]], names: Sequence[str]) -> None:
@@ -89,35 +88,7 @@ class VerlServerEngine:
         rollout.full_determinism the client hands request_id to vLLM itself, which needs it unique.)"""
         self._sessions = {tuple(int(t) for t in p): str(name) for p, name in zip(prompts, names)}
 
-    def submit(self, requests: Sequence[Request]) -> list[int]:
-        handles = list(range(self._next_handle, self._next_handle + len(requests)))
-        self._next_handle += len(requests)
-        for handle, request in zip(handles, requests):
-            self._pending[handle] = asyncio.run_coroutine_threadsafe(self._complete(request), self.loop)
-        return handles
-
-    def poll(self) -> list[tuple[int, Completion]]:
-        """Wait until at least one request is answered; the (handle, completion) pairs that are."""
-        if not self._pending:
-            return []
-        concurrent.futures.wait(self._pending.values(), return_when=concurrent.futures.FIRST_COMPLETED)
-        done = {h: self._pending.pop(h) for h, future in list(self._pending.items()) if future.done()}
-        failed = [e for e in (future.exception() for future in done.values()) if e is not None]
-        if failed:  # the sample call fails: nothing may be left to answer into the next one
-            for future in self._pending.values():
-                future.cancel()
-            self._pending.clear()
-            raise failed[0]
-        return [(h, future.result()) for h, future in done.items()]
-
-    @property
-    def in_flight(self) -> int:
-        return len(self._pending)
-
-    def generate(self, requests: Sequence[Request]) -> list[Completion]:
-        return generate_by_polling(self, requests)
-
-    async def _complete(self, request: Request) -> Completion:
+    async def _complete(self, request: Request, handle: int) -> Completion:
         out = await self.client.generate(self._request_id(request), prompt_ids=[int(t) for t in request.prefix_ids],
                                          sampling_params=self.sampling_params(request))
         return to_completion(out, request)
@@ -140,25 +111,6 @@ class VerlServerEngine:
         if self.seed_key is not None and s.seed is not None:
             params[self.seed_key] = s.seed
         return params
-
-    # verl's CheckpointEngineManager syncs the servers' weights and sleeps / wakes them itself.
-    weights_shared = False
-
-    def update_weights(self, named_tensors: Mapping[str, Any] | None = None) -> None:
-        _owned_by_verl("update_weights")
-
-    def flush_cache(self) -> None:
-        _owned_by_verl("flush_cache")
-
-    def release_memory(self) -> None:
-        _owned_by_verl("release_memory")
-
-    def resume_memory(self) -> None:
-        _owned_by_verl("resume_memory")
-
-
-def _owned_by_verl(what: str) -> None:
-    raise RuntimeError(f"VerlServerEngine.{what}: verl's checkpoint manager owns the rollout servers' weights and memory")
 
 
 def to_completion(out: Any, request: Request) -> Completion:
