@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ibtpo_fast.engines.batch_kv import BatchKV
-from ibtpo_fast.engines.decode_attention import grouped_decode_attention
+from ibtpo_fast.engines.decode_attention import attention_bias, grouped_decode_attention
 
 _ARCHITECTURES = {"LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM"}
 
@@ -54,13 +54,14 @@ class DecodeForward:
         half = self.head_dim // 2
         self._sign = torch.cat([-torch.ones(half), torch.ones(half)])  # rotate-half as a flip of the halves
 
-    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, blocked: dict[str, torch.Tensor],
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, masks: dict[str, torch.Tensor],
                  kv: BatchKV) -> torch.Tensor:
-        """tokens, positions [rows]; `blocked` [rows, 1, 1, columns] per layer kind (True: not attended);
+        """tokens, positions [rows]; a boolean mask [rows, 1, 1, columns] per layer kind (True: attended);
         returns the next token's logits [rows, vocab]. Writes each layer's K/V at the buffer's cursor."""
         rows = tokens.shape[0]
         inner = self.model.model
         h = F.embedding(tokens, inner.embed_tokens.weight)
+        bias = {kind: attention_bias(mask, self.kv_heads, h.dtype) for kind, mask in masks.items()}
         cos, sin = inner.rotary_emb(h, positions[:, None])  # [rows, 1, head_dim]
         sin = sin * self._sign.to(sin.device, sin.dtype)
         for i, layer in enumerate(self.layers):
@@ -71,7 +72,7 @@ class DecodeForward:
             if layer.q_norm is not None:
                 q, k = _rms_norm(q, layer.q_norm), _rms_norm(k, layer.k_norm)
             keys, values = kv.update(_rope(k, cos, sin)[:, :, None], v[:, :, None], i)
-            out = grouped_decode_attention(_rope(q, cos, sin), keys, values, blocked[layer.kind], self.scaling)
+            out = grouped_decode_attention(_rope(q, cos, sin), keys, values, bias[layer.kind], self.scaling)
             h = h + _linear(out.view(rows, -1), layer.o)
             x = _rms_norm(h, layer.post_norm)
             h = h + _linear(F.silu(_linear(x, layer.gate)) * _linear(x, layer.up), layer.down)
@@ -114,4 +115,4 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch
     """x * cos + rotate_half(x) * sin, rotate_half being the halves swapped with the sign in `signed_sin`."""
     rows, heads, dim = x.shape
     swapped = x.view(rows, heads, 2, dim // 2).flip(2).view(rows, heads, dim)
-    return x * cos + swapped * signed_sin
+    return torch.addcmul(x * cos, swapped, signed_sin)

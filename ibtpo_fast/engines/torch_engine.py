@@ -537,8 +537,7 @@ class TorchEngine:
         distance = kv.cursor - columns
         positions = kv.cursor - kv.pads
         if self.decode_forward is not None:
-            blocked = {kind: ~m for kind, m in self._layer_masks(mask, distance).items()}
-            logits = self.decode_forward(tokens, positions, blocked, kv)
+            logits = self.decode_forward(tokens, positions, self._layer_masks(mask, distance), kv)
         else:
             logits = self._forward(tokens[:, None], positions[:, None], mask, distance, kv)
         kv.cursor += 1
