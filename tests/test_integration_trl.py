@@ -1,4 +1,10 @@
 """IBTPOTrainer inside the real TRL (1.16) GRPOTrainer, on the bundled tiny model and task, on CPU."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -133,3 +139,20 @@ def test_a_reward_that_is_none_or_a_reward_model_is_refused(tmp_path):
     with pytest.raises(ValueError, match="reward models"):
         IBTPOTrainer(model=model, reward_funcs=[correct, AutoModelForCausalLM.from_pretrained(tiny_model_path())],
                      train_dataset=dataset(), processing_class=tok, args=config(tmp_path))
+
+
+def test_two_processes_each_grow_the_trees_of_their_own_prompts(tmp_path):
+    """Under torchrun (gloo, 2 ranks): each rank grows trees for its share of the prompts, TRL's loss gets
+    that rank's step advantages, and the ranks end with the same weights."""
+    script = Path(__file__).resolve().parent / "trl_two_ranks.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", str(script),
+           str(tmp_path)]
+    run = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert all(len(rank["steps"]) == 2 for rank in ranks)
+    for step0, step1 in zip(ranks[0]["steps"], ranks[1]["steps"]):
+        assert step0["advantages_are_the_walks"] and step1["advantages_are_the_walks"]
+        assert len(step0["prompts"]) == len(step1["prompts"]) == 1  # 6 rows a rank: one tree of 6 leaves
+        assert step0["prompts"] != step1["prompts"]
+    assert ranks[0]["checksum"] == ranks[1]["checksum"] != ranks[0]["before"]
