@@ -143,7 +143,8 @@ def test_a_reward_that_is_none_or_a_reward_model_is_refused(tmp_path):
 
 def test_two_processes_each_grow_the_trees_of_their_own_prompts(tmp_path):
     """Under torchrun (gloo, 2 ranks): each rank grows trees for its share of the prompts, TRL's loss gets
-    that rank's step advantages, and the ranks end with the same weights."""
+    that rank's step advantages, the tree metrics logged are both ranks', and the ranks end with the same
+    weights."""
     script = Path(__file__).resolve().parent / "trl_two_ranks.py"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", str(script),
            str(tmp_path)]
@@ -156,3 +157,5 @@ def test_two_processes_each_grow_the_trees_of_their_own_prompts(tmp_path):
         assert len(step0["prompts"]) == len(step1["prompts"]) == 1  # 6 rows a rank: one tree of 6 leaves
         assert step0["prompts"] != step1["prompts"]
     assert ranks[0]["checksum"] == ranks[1]["checksum"] != ranks[0]["before"]
+    mean = [(a["generated_tokens"] + b["generated_tokens"]) / 2 for a, b in zip(*(rank["steps"] for rank in ranks))]
+    assert ranks[0]["logged"] == pytest.approx(mean)  # tree metrics are every process's, not rank 0's

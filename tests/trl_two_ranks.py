@@ -1,7 +1,8 @@
 """Two training steps of IBTPOTrainer at whatever world size this runs in (`torchrun --nproc-per-node 2
 tests/trl_two_ranks.py OUT`): each rank writes OUT/rank<r>.json with, per step, the prompts its trees
-grew from, whether the advantages TRL's loss received are the walk's of its own trees, and a checksum
-of the weights before and after training, for tests/test_integration_trl.py to compare."""
+grew from and whether the advantages TRL's loss received are the walk's of its own trees; the tree
+metrics it logged; and checksums of the weights before and after training, for
+tests/test_integration_trl.py to compare."""
 import json
 import os
 import sys
@@ -24,6 +25,9 @@ for rollout, got in zip(trainer.rollouts, trainer.loss_inputs):
     ref = leaf_batch(forest, walk(forest, beta=5.0, lam=0.1, eps=1e-4), tok.pad_token_id, rollout.finish_reason)
     mine = rows_by_content(ref.prompt_ids, ref.prompt_mask, ref.response_ids, ref.response_mask, ref.advantages)
     steps.append({"prompts": [forest.node_tokens(r).tolist() for r in forest.roots],
-                  "advantages_are_the_walks": rows_by_content(**got) == mine})
+                  "advantages_are_the_walks": rows_by_content(**got) == mine,
+                  "generated_tokens": rollout.metrics["tree/generated_tokens"]})
+logged = [entry["tree/generated_tokens"] for entry in trainer.state.log_history if "tree/generated_tokens" in entry]
 checksum = [float(p.double().sum()) for p in model.parameters()]
-(out / f"rank{os.environ.get('RANK', '0')}.json").write_text(json.dumps({"steps": steps, "before": before, "checksum": checksum}))
+record = {"steps": steps, "logged": logged, "before": before, "checksum": checksum}
+(out / f"rank{os.environ.get('RANK', '0')}.json").write_text(json.dumps(record))

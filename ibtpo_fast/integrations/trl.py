@@ -195,5 +195,8 @@ class IBTPOTrainer(GRPOTrainer):
         log.extend(logged)
 
     def _log_tree_metrics(self, metrics: dict[str, float]) -> None:
-        for key in ("tree/generated_tokens", "tree/eff_rate", "tree/trajectories_per_1k_tokens", "rollout/prefix_cache_hit_rate"):
-            self._metrics["train"][key].append(metrics[key])
+        """The mean over processes of each tree metric (every process grows trees of its own prompts)."""
+        keys = ("tree/generated_tokens", "tree/eff_rate", "tree/trajectories_per_1k_tokens", "rollout/prefix_cache_hit_rate")
+        local = torch.tensor([[metrics[k] for k in keys]], dtype=torch.float64, device=self.accelerator.device)
+        for key, value in zip(keys, self.accelerator.gather(local).mean(0).tolist()):
+            self._metrics["train"][key].append(value)
