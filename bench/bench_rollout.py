@@ -306,22 +306,42 @@ def decode_step_ms(engine: TorchEngine, prompts: list[list[int]], rows: int, sho
     return 1000 * (seconds(long) - seconds(short)) / (long - short)
 
 
+def decode_steps(benchmark, model, prompts: list[list[int]], rounds: int) -> dict[tuple[str, int], float]:
+    """ms per decode step by rows, plain decode forward against the model's own, fastest of `rounds`
+    interleaved; recorded in extra_info."""
+    short, long = (2, 4) if benchmark.disabled else (8, 56)
+    plain, own = TorchEngine(model), TorchEngine(model, plain_decode=False)
+    assert plain.decode_forward is not None and own.decode_forward is None
+    runs = {(name, rows): partial(lambda engine, rows: (None, decode_step_ms(engine, prompts, rows, short, long)),
+                                  engine, rows)
+            for rows in STEP_ROWS for name, engine in (("plain", plain), ("model", own))}
+    res = benchmark.pedantic(interleaved, (runs, 1 if benchmark.disabled else rounds), rounds=1, iterations=1)
+    ms = {key: seconds for key, (_, seconds) in res.items()}
+    benchmark.extra_info.update({f"{name}_ms_per_step_{rows}_rows": v for (name, rows), v in ms.items()})
+    return ms
+
+
 def test_decode_step(benchmark, claim, tiny):
     """TorchEngine's decode step on the bundled model by rows, plain decode forward against the model's own."""
     model, tok = tiny
     _, prompts = workload(benchmark, tok)
-    short, long = (2, 4) if benchmark.disabled else (8, 56)
-    plain, own = TorchEngine(model, tokenizer=tok), TorchEngine(model, tokenizer=tok, plain_decode=False)
-    assert plain.decode_forward is not None
-    runs = {(name, rows): partial(lambda engine, rows: (None, decode_step_ms(engine, prompts, rows, short, long)),
-                                  engine, rows)
-            for rows in STEP_ROWS for name, engine in (("plain", plain), ("model", own))}
-    res = benchmark.pedantic(interleaved, (runs, 1 if benchmark.disabled else 5), rounds=1, iterations=1)
-    ms = {key: seconds for key, (_, seconds) in res.items()}
-    benchmark.extra_info.update({f"{name}_ms_per_step_{rows}_rows": v for (name, rows), v in ms.items()})
+    ms = decode_steps(benchmark, model, prompts, rounds=5)
     claim("step_16_vs_128_rows", ms["plain", 16] / ms["plain", 128], SMALL_STEP_TARGET, higher_is_better=False)
     claim("plain_vs_model_forward_16_rows", ms["model", 16] / ms["plain", 16], PLAIN_FORWARD_TARGET)
     claim("plain_vs_model_forward_128_rows", ms["model", 128] / ms["plain", 128])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_decode_step(benchmark, claim, qwen25_05b):
+    """The same on CUDA, a Qwen2.5-0.5B-shaped bf16 model and 256-token prompts, where a small step's cost
+    is its kernel launches."""
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, qwen25_05b.config.vocab_size, size=256).tolist() for _ in range(8)]
+    ms = decode_steps(benchmark, qwen25_05b, prompts, rounds=3)
+    claim("step_16_vs_128_rows", ms["plain", 16] / ms["plain", 128])
+    for rows in (1, 16, 128):
+        claim(f"plain_vs_model_forward_{rows}_rows", ms["model", rows] / ms["plain", rows])
 
 
 def smollm2_workload(n: int, task: ArithmeticConfig = ArithmeticConfig()):
