@@ -1,8 +1,8 @@
 """A decode step's forward for Llama-family models (Llama, Qwen2, Qwen3, Mistral), as plain tensor ops.
 
 A decode step runs one token a row. For a small model, or a small batch of a large one, the step's
-time is then the fixed cost of its ~15 operations a layer, and transformers' module calls, keyword
-plumbing, mask and cache bookkeeping around them cost about as much again. This forward runs the same
+time is then the fixed cost of its few dozen operations a layer, and transformers' module calls,
+keyword plumbing, mask and cache bookkeeping around them cost about as much again. This forward runs the same
 operations on the model's own parameters (read live, so training updates need no copy) with none of
 that around them, and writes K/V into the engine's batch buffer directly. Prefill, and every model
 whose modules it does not recognise, stays on the model's own forward.
@@ -36,7 +36,7 @@ class _Layer(NamedTuple):
 
 
 class DecodeForward:
-    """`forward(tokens, positions, blocked, kv)` for one query a row of a supported model."""
+    """`decode(tokens, positions, masks, kv)`: one decode step of a supported model."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         config = model.config.get_text_config()
@@ -90,8 +90,7 @@ def decode_forward_for(model: torch.nn.Module) -> DecodeForward | None:
     for module in model.modules():
         if module._forward_hooks or module._forward_pre_hooks:
             return None
-        is_linear = isinstance(module, torch.nn.Linear)
-        if is_linear and type(module) is not torch.nn.Linear:  # LoRA, quantised or otherwise wrapped layers
+        if isinstance(module, torch.nn.Linear) and type(module) is not torch.nn.Linear:  # LoRA, quantised, ...
             return None
     return DecodeForward(model)
 
