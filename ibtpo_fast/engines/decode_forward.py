@@ -51,8 +51,7 @@ class DecodeForward:
                               layer.post_attention_layernorm, layer.mlp.gate_proj, layer.mlp.up_proj,
                               layer.mlp.down_proj)
                        for kind, layer in zip(kinds, model.model.layers)]
-        half = self.head_dim // 2
-        self._sign = torch.cat([-torch.ones(half), torch.ones(half)])  # rotate-half as a flip of the halves
+        self._signs: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}  # of rotate-half, by device / dtype
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, masks: dict[str, torch.Tensor],
                  kv: BatchKV) -> torch.Tensor:
@@ -63,7 +62,7 @@ class DecodeForward:
         h = F.embedding(tokens, inner.embed_tokens.weight)
         bias = {kind: attention_bias(mask, self.kv_heads, h.dtype) for kind, mask in masks.items()}
         cos, sin = inner.rotary_emb(h, positions[:, None])  # [rows, 1, head_dim]
-        sin = sin * self._sign.to(sin.device, sin.dtype)
+        sin = sin * self._sign(sin)
         for i, layer in enumerate(self.layers):
             x = _rms_norm(h, layer.input_norm)
             q = _linear(x, layer.q).view(rows, self.heads, self.head_dim)
@@ -77,6 +76,15 @@ class DecodeForward:
             x = _rms_norm(h, layer.post_norm)
             h = h + _linear(F.silu(_linear(x, layer.gate)) * _linear(x, layer.up), layer.down)
         return _linear(_rms_norm(h, inner.norm), self.model.lm_head)
+
+
+    def _sign(self, like: torch.Tensor) -> torch.Tensor:
+        """-1 on the first half of a head, +1 on the second: rotate-half is then a flip of the halves."""
+        key = (like.device, like.dtype)
+        if key not in self._signs:
+            half = self.head_dim // 2
+            self._signs[key] = torch.tensor([-1.0] * half + [1.0] * half, dtype=like.dtype, device=like.device)
+        return self._signs[key]
 
 
 def decode_forward_for(model: torch.nn.Module) -> DecodeForward | None:
