@@ -80,3 +80,14 @@ def test_flushing_rechecks_the_model():
     off = TorchEngine(model, plain_decode=False)
     off.flush_cache()
     assert off.decode_forward is None
+
+
+def test_gradient_checkpointings_embedding_hook_keeps_the_plain_forward():
+    """transformers' gradient checkpointing (TRL turns it on) hooks the input embeddings; decoding is unaffected."""
+    model = tiny_model()
+    model.gradient_checkpointing_enable()
+    assert model.model.embed_tokens._forward_hooks  # the hook is there
+    engine = TorchEngine(model)
+    assert engine.decode_forward is not None
+    requests = mixed_requests()
+    assert_matches_reference(model, requests, engine.generate(requests))

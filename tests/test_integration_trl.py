@@ -76,6 +76,7 @@ def test_trl_trains_on_the_trees_with_the_walks_step_advantages(tmp_path):
     trainer = Recording(model=model, reward_funcs=[correct], train_dataset=dataset(), processing_class=tok,
                         args=config(tmp_path))
     trainer.train()
+    assert trainer._engine.decode_forward is not None  # TRL's gradient checkpointing leaves decoding plain
     assert len(trainer.rollouts) == len(trainer.loss_inputs) == 2
     for rollout, got, rewards in zip(trainer.rollouts, trainer.loss_inputs, trainer.reward_rows):
         forest = rollout.forest

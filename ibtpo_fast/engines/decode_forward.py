@@ -18,6 +18,9 @@ from ibtpo_fast.engines.batch_kv import BatchKV
 from ibtpo_fast.engines.decode_attention import attention_bias, grouped_decode_attention
 
 _ARCHITECTURES = {"LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM"}
+# transformers' gradient checkpointing hooks the input embeddings to make their output require grad, which
+# decoding under inference_mode never sees; any other hook may change what a module computes.
+_INERT_HOOKS = {"PreTrainedModel.enable_input_require_grads.<locals>.make_inputs_require_grads"}
 
 
 class _Layer(NamedTuple):
@@ -96,7 +99,8 @@ def decode_forward_for(model: torch.nn.Module) -> DecodeForward | None:
     if config.hidden_act != "silu" or getattr(config, "pretraining_tp", 1) != 1:
         return None
     for module in model.modules():
-        if module._forward_hooks or module._forward_pre_hooks:
+        hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
+        if any(getattr(hook, "__qualname__", None) not in _INERT_HOOKS for hook in hooks):
             return None
         if isinstance(module, torch.nn.Linear) and type(module) is not torch.nn.Linear:  # LoRA, quantised, ...
             return None
