@@ -64,6 +64,14 @@ def test_models_it_does_not_know_decode_through_their_own_forward():
     assert_matches_reference(model, requests, engine.generate(requests))  # the wrapped layer counts
 
 
+def test_a_model_dispatched_by_accelerate_decodes_through_its_own_forward():
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    model = tiny_model()
+    add_hook_to_module(model.model.layers[0], ModelHook())  # as device_map / offloading do
+    assert decode_forward_for(model) is None
+
+
 def test_flushing_rechecks_the_model():
     model = tiny_model()
     engine = TorchEngine(model)

@@ -92,7 +92,8 @@ class DecodeForward:
 
 def decode_forward_for(model: torch.nn.Module) -> DecodeForward | None:
     """The plain decode forward of `model` when it is a transformers Llama / Qwen2 / Qwen3 / Mistral
-    causal LM built of its stock modules (no adapters, quantised layers or hooks), else None."""
+    causal LM built of its stock modules (no adapters, quantised layers, hooks or accelerate dispatch),
+    else None."""
     if type(model).__name__ not in _ARCHITECTURES or not type(model).__module__.startswith("transformers."):
         return None
     config = model.config.get_text_config()
@@ -101,6 +102,8 @@ def decode_forward_for(model: torch.nn.Module) -> DecodeForward | None:
     for module in model.modules():
         hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
         if any(getattr(hook, "__qualname__", None) not in _INERT_HOOKS for hook in hooks):
+            return None
+        if hasattr(module, "_hf_hook"):  # accelerate's device placement or offloading wraps its forward
             return None
         if isinstance(module, torch.nn.Linear) and type(module) is not torch.nn.Linear:  # LoRA, quantised, ...
             return None
