@@ -3,6 +3,7 @@ takes, and every other model decodes through its own forward. (The engine tests 
 these families against an uncached full forward.)"""
 import pytest
 import torch
+from accelerate.hooks import ModelHook, add_hook_to_module
 from test_torch_engine import FAMILIES, assert_matches_reference, mixed_requests, tiny_model
 from threads import one_thread  # noqa: F401  (autouse)
 
@@ -65,8 +66,6 @@ def test_models_it_does_not_know_decode_through_their_own_forward():
 
 
 def test_a_model_dispatched_by_accelerate_decodes_through_its_own_forward():
-    from accelerate.hooks import ModelHook, add_hook_to_module
-
     model = tiny_model()
     add_hook_to_module(model.model.layers[0], ModelHook())  # as device_map / offloading do
     assert decode_forward_for(model) is None
