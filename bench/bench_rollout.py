@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from ibtpo_fast.engines.protocol import Completion, Request, SamplingParams
 from ibtpo_fast.engines.radix_cache import common_prefix_length
 from ibtpo_fast.engines.torch_engine import TorchEngine
+from ibtpo_fast.rewards import RewardScorer
 from ibtpo_fast.sampler import IBTreeSampler, SamplerConfig, TreeSpec
 from ibtpo_fast.smollm import load_smollm2, smollm2_dir
 from ibtpo_fast.tasks import BUNDLED, STEP_DELIMITER, ArithmeticConfig, compute_score, make_split, tiny_model_path
@@ -342,6 +343,38 @@ def test_gpu_decode_step(benchmark, claim, qwen25_05b):
     claim("step_16_vs_128_rows", ms["plain", 16] / ms["plain", 128])
     for rows in (1, 16, 128):
         claim(f"plain_vs_model_forward_{rows}_rows", ms["model", rows] / ms["plain", rows])
+
+
+def test_async_rewards(benchmark, claim, tiny):
+    """Continuous IBTree rollouts of a default step (16 prompts, (4,9,1,1)) graded in 2 worker processes at
+    5 ms an item: each finished round graded on a thread while the engine decodes, against graded in line."""
+    from reward_fns import arithmetic_5ms
+
+    model, tok = tiny
+    problems = make_split("train", 2 if benchmark.disabled else 16)
+    prompts = [tok.encode(p.prompt, add_special_tokens=False) for p in problems]
+    with RewardScorer(arithmetic_5ms, workers=2) as scorer:
+        scorer.start()
+
+        def grade(rows, responses):
+            texts = tok.batch_decode([r.tolist() for r in responses], skip_special_tokens=True)
+            return scorer(["arithmetic"] * len(rows), texts, [problems[i].answer for i in rows])
+
+        def run(async_rewards: bool):
+            cfg = SamplerConfig(tree="4,9,1,1", max_new_tokens=MAX_NEW, stop_token_ids=(tok.eos_token_id,),
+                                step_delimiter=STEP_DELIMITER, async_rewards=async_rewards)
+            t0 = time.perf_counter()
+            rollout = IBTreeSampler(TorchEngine(model, tokenizer=tok), tok, grade, cfg).sample(prompts)
+            return rollout, time.perf_counter() - t0
+
+        res = benchmark.pedantic(interleaved, ({"sync": partial(run, False), "async": partial(run, True)},
+                                               1 if benchmark.disabled else 3), rounds=1, iterations=1)
+    (sync, t_sync), (asyn, t_async) = res["sync"], res["async"]
+    assert sync.metrics["tree/trajectories"] == asyn.metrics["tree/trajectories"] == 12
+    benchmark.extra_info.update(sync_seconds=t_sync, async_seconds=t_async,
+                                sync_reward_seconds=sync.metrics["timing/reward"],
+                                async_reward_wait_seconds=asyn.metrics["timing/reward"])
+    claim("async_vs_sync_rollout", t_sync / t_async)
 
 
 def smollm2_workload(n: int, task: ArithmeticConfig = ArithmeticConfig()):

@@ -4,7 +4,8 @@ Round 1 samples B0 complete responses per prompt; each later round walks the tre
 nodes by the strategy's score, and samples B continuations from each; a round's leaves are rewarded
 before the next round's scoring. Trees advance on their own (`schedule="continuous"`, the default):
 a tree's next round joins the engine's running batch as soon as its last one is rewarded, while
-other trees still decode. `schedule="lockstep"` runs every tree's round r as one engine call, then
+other trees still decode; with `async_rewards` a finished round is graded on a background thread while
+the engine decodes on. `schedule="lockstep"` runs every tree's round r as one engine call, then
 round r + 1; both grow the same trees, since a tree's picks depend on that tree alone and its
 samples on its own seeds. Shared prefixes are never regenerated; the engine's prefix cache serves them.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,6 +88,9 @@ class SamplerConfig:
     step_prob: str = "geomean"
     seed: int = 0
     schedule: str = "continuous"
+    # continuous schedule: grade each finished round on a background thread while the engine keeps decoding
+    # (for reward functions that wait, on worker processes or a server); the trees are the same
+    async_rewards: bool = False
 
     def __post_init__(self) -> None:
         self.tree = check_tree(self.strategy, self.tree)
@@ -212,6 +217,7 @@ class IBTreeSampler:
         waiting: dict[int, tuple[int, int]] = {}  # engine handle -> (tree, slot in the tree's round)
         branches: dict[int, list[_Branch]] = {}  # tree -> its current round's branches
         returned: dict[int, list[Completion | None]] = {}  # tree -> their completions, by slot
+        grading: dict[Future, list[int]] = {}  # rewards being computed -> the trees they are for
 
         def submit(new: list[_Branch]) -> None:
             requests = [self._request(batch, b) for b in new]
@@ -221,27 +227,47 @@ class IBTreeSampler:
                 waiting[handle] = (b.tree, len(returned.setdefault(b.tree, [])))
                 returned[b.tree].append(None)
 
-        submit([b for t, root in enumerate(forest.roots) for b in batch.branches(t, [(root, 0)], cfg.tree.B0)])
-        while waiting:
-            done_trees = []
-            for handle, completion in self.engine.poll():
-                t, slot = waiting.pop(handle)
-                returned[t][slot] = completion
-                batch.cached_tokens += completion.cached_tokens
-                if all(c is not None for c in returned[t]):
-                    done_trees.append(t)
-            if not done_trees:
-                continue
-            # The round's branches attach in their order, as in lock-step, whatever order they finished in.
-            leaves = [self._attach(batch, b, c) for t in done_trees for b, c in zip(branches.pop(t), returned.pop(t))]
-            self._score(batch, leaves)
-            grow = [t for t in done_trees if rounds[t] < cfg.tree.L]
+        def grow(trees: list[int]) -> None:
+            """The next round of `trees`, whose leaves are rewarded."""
+            trees = [t for t in trees if rounds[t] < cfg.tree.L]
             nxt = []
-            for r in sorted({int(rounds[t]) for t in grow}):  # one walk for the trees that finished round r
-                nxt += self._next_round(batch, [t for t in grow if rounds[t] == r], r)
-            rounds[grow] += 1
+            for r in sorted({int(rounds[t]) for t in trees}):  # one walk for the trees that finished round r
+                nxt += self._next_round(batch, [t for t in trees if rounds[t] == r], r)
+            rounds[trees] += 1
             if nxt:
                 submit(nxt)
+
+        submit([b for t, root in enumerate(forest.roots) for b in batch.branches(t, [(root, 0)], cfg.tree.B0)])
+        pool = ThreadPoolExecutor(1, thread_name_prefix="ibtpo-reward") if cfg.async_rewards else None
+        try:
+            while waiting or grading:
+                done_trees = []
+                if waiting:
+                    for handle, completion in self.engine.poll():
+                        t, slot = waiting.pop(handle)
+                        returned[t][slot] = completion
+                        batch.cached_tokens += completion.cached_tokens
+                        if all(c is not None for c in returned[t]):
+                            done_trees.append(t)
+                else:  # nothing to decode: the sampler waits on the rewards
+                    t0 = time.perf_counter()
+                    wait(grading, return_when=FIRST_COMPLETED)
+                    batch.timing["reward"] += time.perf_counter() - t0
+                if done_trees:
+                    # The round's branches attach in their order, as in lock-step, whatever order they finished in.
+                    leaves = [self._attach(batch, b, c)
+                              for t in done_trees for b, c in zip(branches.pop(t), returned.pop(t))]
+                    if pool is None:
+                        self._score(batch, leaves)
+                        grow(done_trees)
+                    else:
+                        grading[self._score_later(pool, batch, leaves)] = done_trees
+                for job in [job for job in grading if job.done()]:
+                    self._set_rewards(batch, *job.result())
+                    grow(grading.pop(job))
+        finally:
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
 
     def _generate(self, batch: _Batch, branches: list[_Branch]) -> list[Completion]:
         requests = [self._request(batch, b) for b in branches]
@@ -274,19 +300,38 @@ class IBTreeSampler:
 
     def _score(self, batch: _Batch, leaves: list[int]) -> None:
         """Reward new leaves; truncated responses score 0 without calling the reward function."""
-        t0, forest, finish = time.perf_counter(), batch.forest, batch.finish
-        done = [v for v in leaves if finish[v] != "length"]
+        t0 = time.perf_counter()
+        done, rows, responses = self._to_grade(batch, leaves)
+        self._set_rewards(batch, done, self._grade(rows, responses))
+        batch.timing["reward"] += time.perf_counter() - t0
+
+    def _score_later(self, pool: ThreadPoolExecutor, batch: _Batch, leaves: list[int]) -> Future:
+        """`_score` with the reward function run on `pool`: the future's result is for `_set_rewards`."""
+        done, rows, responses = self._to_grade(batch, leaves)
+        return pool.submit(lambda: (done, self._grade(rows, responses)))
+
+    def _to_grade(self, batch: _Batch, leaves: list[int]) -> tuple[list[int], list[Any], list[np.ndarray]]:
+        """The leaves that need the reward function (truncated ones score 0 here), their rows and responses."""
+        forest, finish = batch.forest, batch.finish
         for v in leaves:
             if finish[v] == "length":
                 forest.set_reward(v, 0.0)
-        if done:
-            responses = [forest.prefix_tokens(v)[forest.num_tokens[forest.roots[forest.tree[v]]]:] for v in done]
-            rewards = self.reward_fn([batch.rows[int(forest.tree[v])] for v in done], responses)
-            if len(rewards) != len(done):
-                raise ValueError(f"reward_fn returned {len(rewards)} rewards for {len(done)} responses")
-            for v, r in zip(done, rewards):
-                forest.set_reward(v, float(r))
-        batch.timing["reward"] += time.perf_counter() - t0
+        done = [v for v in leaves if finish[v] != "length"]
+        responses = [forest.prefix_tokens(v)[forest.num_tokens[forest.roots[forest.tree[v]]]:] for v in done]
+        return done, [batch.rows[int(forest.tree[v])] for v in done], responses
+
+    def _grade(self, rows: list[Any], responses: list[np.ndarray]) -> list[float]:
+        if not responses:
+            return []
+        rewards = self.reward_fn(rows, responses)
+        if len(rewards) != len(responses):
+            raise ValueError(f"reward_fn returned {len(rewards)} rewards for {len(responses)} responses")
+        return [float(r) for r in rewards]
+
+    @staticmethod
+    def _set_rewards(batch: _Batch, leaves: list[int], rewards: list[float]) -> None:
+        for v, r in zip(leaves, rewards):
+            batch.forest.set_reward(v, r)
 
     # ---- branching -------------------------------------------------------------------------
     def _next_round(self, batch: _Batch, trees: Sequence[int], round_idx: int) -> list[_Branch]:

@@ -36,14 +36,14 @@ def task_of(cfg: Config, val_size: int | None = None) -> Task:
                      reward_workers=d.reward_workers)
 
 
-def sampler_config(cfg: Config, stop_ids: Sequence[int]) -> SamplerConfig:
-    """The sampler a run's config describes."""
+def sampler_config(cfg: Config, stop_ids: Sequence[int], async_rewards: bool = False) -> SamplerConfig:
+    """The sampler a run's config describes; `async_rewards` where its grader waits on worker processes."""
     r = cfg.rollout
     return SamplerConfig(
         strategy=r.strategy, schedule=r.schedule, tree=r.tree, max_new_tokens=r.max_new_tokens,
         sampling=SamplingParams(r.temperature, r.top_p, r.top_k), stop_token_ids=tuple(stop_ids),
         step_delimiter=r.step_delimiter, min_step_tokens=r.min_step_tokens, token_budget=r.token_budget or None,
-        beta=cfg.algo.beta, step_prob=cfg.algo.step_prob, seed=cfg.train.seed,
+        beta=cfg.algo.beta, step_prob=cfg.algo.step_prob, seed=cfg.train.seed, async_rewards=async_rewards,
     )
 
 
@@ -88,7 +88,9 @@ class Trainer:
                                    max_cache_tokens=cfg.rollout.max_cache_tokens, sglang=cfg.rollout.sglang)
         self.stop_ids = stop_token_ids(self.model, self.tokenizer)
         self.sampling = SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k)
-        self.sampler = IBTreeSampler(self.engine, self.tokenizer, self._reward, sampler_config(cfg, self.stop_ids))
+        # A grader in worker processes scores each finished round while the engine decodes on.
+        self.sampler = IBTreeSampler(self.engine, self.tokenizer, self._reward,
+                                     sampler_config(cfg, self.stop_ids, async_rewards=self.scorer.workers > 0))
         self.run_dir = Path(cfg.run.out_dir) / cfg.run.name
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.global_step = 0

@@ -218,10 +218,12 @@ def test_timing_parts_sum_to_the_call(tiny):
     assert parts == pytest.approx(wall, rel=0.05)
 
 
-def grow(tiny, problems, schedule, engine, **kw):
+def grow(tiny, problems, schedule, engine, delay=0.0, **kw):
+    """The forest of `problems`; `delay` (s) makes the reward function of tree i take i * delay a call."""
     model, tok = tiny
 
     def reward_fn(rows, responses):
+        time.sleep(delay * max(rows))
         texts = tok.batch_decode([r.tolist() for r in responses], skip_special_tokens=True)
         return [compute_score("arithmetic", t, problems[i].answer) for i, t in zip(rows, texts)]
 
@@ -245,14 +247,56 @@ def test_continuous_grows_the_lockstep_forest(tiny, kw):
     accounting. Requests decoded one at a time from scratch make tokens a function of prefix and seed
     alone, so the two must agree exactly."""
     problems = make_split("train", 3)
-    exact = {s: grow(tiny, problems, s, TorchEngine(tiny[0], use_cache=False, max_batch_size=1), **kw)
-             for s in ("lockstep", "continuous")}
-    a, b = exact["lockstep"], exact["continuous"]
-    assert all(same_tree(a, b, t) for t in range(len(problems)))
-    assert np.array_equal(a.forest.tokens, b.forest.tokens)  # both in tree-major order
-    assert a.finish_reason == b.finish_reason
-    for key in ("tree/trajectories", "tree/generated_tokens", "critic/score/mean", "tree/eff_rate"):
-        assert a.metrics[key] == b.metrics[key], key
+
+    def exact(schedule, **more):
+        return grow(tiny, problems, schedule, TorchEngine(tiny[0], use_cache=False, max_batch_size=1), **kw, **more)
+
+    a = exact("lockstep")
+    # rewards graded on a thread, slower for later trees, come back in another order: the same trees
+    for b in (exact("continuous"), exact("continuous", async_rewards=True, delay=0.01)):
+        assert all(same_tree(a, b, t) for t in range(len(problems)))
+        assert np.array_equal(a.forest.tokens, b.forest.tokens)  # both in tree-major order
+        assert a.finish_reason == b.finish_reason
+        for key in ("tree/trajectories", "tree/generated_tokens", "critic/score/mean", "tree/eff_rate"):
+            assert a.metrics[key] == b.metrics[key], key
+
+
+def test_async_rewards_are_graded_while_the_engine_decodes(tiny):
+    model, tok = tiny
+    problems = make_split("train", 4)
+    engine = TorchEngine(model, tokenizer=tok)
+    progress = []
+
+    def slow_reward(rows, responses):
+        before = engine.stats()["decode_steps"]
+        time.sleep(0.03)
+        progress.append(engine.stats()["decode_steps"] - before)
+        return [0.0] * len(rows)
+
+    cfg = SamplerConfig(max_new_tokens=64, stop_token_ids=(tok.eos_token_id,), step_delimiter=STEP_DELIMITER,
+                        tree=TreeSpec(2, 3, 1, 1), async_rewards=True)
+    t0 = time.perf_counter()
+    m = IBTreeSampler(engine, tok, slow_reward, cfg).sample(prompts_of(tok, problems)).metrics
+    wall = time.perf_counter() - t0
+    assert len(progress) >= 4 and max(progress) > 0  # decode steps ran while a round was being graded
+    # timing/reward is the time the sampler waited on rewards with nothing to decode, so the parts still sum
+    assert m["timing/rollout"] + m["timing/reward"] + m["timing/walk"] == pytest.approx(wall, rel=0.05)
+    assert m["timing/reward"] < 0.03 * len(progress)
+
+
+def test_async_reward_errors_reach_the_caller(tiny):
+    model, tok = tiny
+    cfg = SamplerConfig(max_new_tokens=64, stop_token_ids=(tok.eos_token_id,), step_delimiter=STEP_DELIMITER,
+                        tree=TreeSpec(2, 3, 1, 1), async_rewards=True)
+    prompts = prompts_of(tok, make_split("train", 2))
+
+    def failing(rows, responses):
+        raise RuntimeError("grader down")
+
+    with pytest.raises(RuntimeError, match="grader down"):
+        IBTreeSampler(TorchEngine(model, tokenizer=tok), tok, failing, cfg).sample(prompts)
+    with pytest.raises(ValueError, match="reward_fn returned 1 rewards for 2 responses"):
+        IBTreeSampler(TorchEngine(model, tokenizer=tok), tok, lambda rows, responses: [1.0], cfg).sample(prompts)
 
 
 def test_continuous_with_the_batched_cached_engine(tiny):
