@@ -129,6 +129,7 @@ def _sampler_config(args: Namespace, spec: TreeSpec, tokenizer: Any) -> SamplerC
         sampling=SamplingParams(args.rollout_temperature, args.rollout_top_p, args.rollout_top_k),
         stop_token_ids=stop_ids, stop_strings=tuple(args.rollout_stop or ()),
         step_delimiter=_option(args, "ibtpo_step_delimiter"), beta=float(_option(args, "ibtpo_beta")), seed=args.rollout_seed,
+        async_rewards=True,  # async_rm answers on slime's loop: a round is graded while the router decodes others
     )
 
 
