@@ -257,11 +257,7 @@ class IBTreeSampler:
                     # The round's branches attach in their order, as in lock-step, whatever order they finished in.
                     leaves = [self._attach(batch, b, c)
                               for t in done_trees for b, c in zip(branches.pop(t), returned.pop(t))]
-                    if pool is None:
-                        self._score(batch, leaves)
-                        grow(done_trees)
-                    else:
-                        grading[self._score_later(pool, batch, leaves)] = done_trees
+                    grading[self._grade_round(batch, leaves, pool)] = done_trees
                 for job in [job for job in grading if job.done()]:
                     self._set_rewards(batch, *job.result())
                     grow(grading.pop(job))
@@ -300,15 +296,18 @@ class IBTreeSampler:
 
     def _score(self, batch: _Batch, leaves: list[int]) -> None:
         """Reward new leaves; truncated responses score 0 without calling the reward function."""
-        t0 = time.perf_counter()
-        done, rows, responses = self._to_grade(batch, leaves)
-        self._set_rewards(batch, done, self._grade(rows, responses))
-        batch.timing["reward"] += time.perf_counter() - t0
+        self._set_rewards(batch, *self._grade_round(batch, leaves).result())
 
-    def _score_later(self, pool: ThreadPoolExecutor, batch: _Batch, leaves: list[int]) -> Future:
-        """`_score` with the reward function run on `pool`: the future's result is for `_set_rewards`."""
+    def _grade_round(self, batch: _Batch, leaves: list[int], pool: ThreadPoolExecutor | None = None) -> Future:
+        """The grades of new leaves, (leaves, rewards) for `_set_rewards`: computed on `pool`, or here, as
+        reward time, without one. Truncated responses score 0 here, without the reward function."""
         done, rows, responses = self._to_grade(batch, leaves)
-        return pool.submit(lambda: (done, self._grade(rows, responses)))
+        if pool is not None:
+            return pool.submit(lambda: (done, self._grade(rows, responses)))
+        t0, job = time.perf_counter(), Future()
+        job.set_result((done, self._grade(rows, responses)))
+        batch.timing["reward"] += time.perf_counter() - t0
+        return job
 
     def _to_grade(self, batch: _Batch, leaves: list[int]) -> tuple[list[int], list[Any], list[np.ndarray]]:
         """The leaves that need the reward function (truncated ones score 0 here), their rows and responses."""
