@@ -93,3 +93,14 @@ def leaf_batch(forest: Forest, result: WalkResult, pad_id: int, finish_reason: M
         truncated=torch.tensor([finish.get(int(v)) == "length" for v in leaves], dtype=torch.bool),
         leaf=torch.from_numpy(leaves.astype(np.int64)),
     )
+
+
+def check_leaves_per_tree(batch: LeafBatch, trees: int, size: int, *, expected: str, limit: str, setting: str) -> None:
+    """ValueError naming the first of `trees` trees that did not grow `size` leaves (the framework's group
+    size, spelt `expected`): a tree grows fewer when fewer than K of its nodes can branch."""
+    counts = np.bincount(batch.group.numpy(), minlength=trees)
+    short = np.flatnonzero(counts != size)
+    if len(short):
+        k = int(short[0])
+        raise ValueError(f"tree {k} grew {counts[k]} leaves, not {expected}: fewer than K of its nodes could branch "
+                         f"(single-step responses, or paths at {limit}); lower K in {setting}")

@@ -8,7 +8,7 @@ from ibtpo_fast import walk
 from ibtpo_fast.engines.protocol import SamplingParams
 from ibtpo_fast.engines.torch_engine import TorchEngine
 from ibtpo_fast.forest import Forest
-from ibtpo_fast.leaf_batch import leaf_batch
+from ibtpo_fast.leaf_batch import check_leaves_per_tree, leaf_batch
 from ibtpo_fast.sampler import IBTreeSampler, SamplerConfig
 from ibtpo_fast.tasks import STEP_DELIMITER, compute_score, make_split, tiny_model_path
 
@@ -62,3 +62,13 @@ def test_an_unrewarded_leaf_is_refused():
     f.set_reward(leaf, 1.0)
     with pytest.raises(ValueError, match="no reward"):
         leaf_batch(f, walk(f), pad_id=0)
+
+
+def test_a_tree_short_of_the_group_size_is_named(rollout):
+    ro, _, pad = rollout
+    batch = leaf_batch(ro.forest, walk(ro.forest, beta=5.0, lam=0.1), pad, ro.finish_reason)
+    check_leaves_per_tree(batch, 3, 6, expected="6", limit="the cap", setting="the tree")
+    with pytest.raises(ValueError, match=r"tree 0 grew 6 leaves, not rollout.n = 7: .*paths at the cap\); lower K in the tree"):
+        check_leaves_per_tree(batch, 3, 7, expected="rollout.n = 7", limit="the cap", setting="the tree")
+    with pytest.raises(ValueError, match="tree 3 grew 0 leaves, not 6"):
+        check_leaves_per_tree(batch, 4, 6, expected="6", limit="the cap", setting="the tree")

@@ -39,7 +39,7 @@ from ibtpo_fast.engines.loop_client import LoopClientEngine
 from ibtpo_fast.engines.protocol import Completion, Request, SamplingParams
 from ibtpo_fast.engines.sglang_engine import sampling_params, to_completion
 from ibtpo_fast.errors import MissingExtraError
-from ibtpo_fast.leaf_batch import LeafBatch, leaf_batch
+from ibtpo_fast.leaf_batch import LeafBatch, check_leaves_per_tree, leaf_batch
 from ibtpo_fast.sampler import IBTreeSampler, RewardFn, SamplerConfig, TreeSpec
 from ibtpo_fast.walk import walk
 
@@ -200,12 +200,9 @@ def generate_rollout(args: Namespace, rollout_id: int, data_source: Any, evaluat
 
 def _fill_groups(groups: Sequence[Sequence[Any]], batch: LeafBatch, tokenizer: Any, args: Namespace) -> None:
     """Group k's samples (distinct indices from the data source) take tree k's leaves, in leaf order."""
-    counts = np.bincount(batch.group.numpy(), minlength=len(groups))
-    short = np.flatnonzero(counts != len(groups[0]))
-    if len(short):
-        k = int(short[0])
-        raise ValueError(f"tree {k} grew {counts[k]} leaves, not {len(groups[0])}: fewer than K of its nodes could "
-                         f"branch (single-step responses, or paths at --rollout-max-response-len); lower K in ibtpo_tree")
+    size = len(groups[0])
+    check_leaves_per_tree(batch, len(groups), size, expected=str(size), limit="--rollout-max-response-len",
+                          setting="ibtpo_tree")
     status = _slime("slime.utils.types", "generate_rollout").Sample.Status
     slot = np.zeros(len(groups), np.int64)
     for i, k in enumerate(batch.group.tolist()):

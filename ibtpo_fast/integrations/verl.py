@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from ibtpo_fast.engines.loop_client import LoopClientEngine
 from ibtpo_fast.engines.protocol import Completion, Request, SamplingParams
 from ibtpo_fast.errors import MissingExtraError
-from ibtpo_fast.leaf_batch import LeafBatch, leaf_batch
+from ibtpo_fast.leaf_batch import LeafBatch, check_leaves_per_tree, leaf_batch
 from ibtpo_fast.rewards import RewardScorer
 from ibtpo_fast.sampler import IBTreeSampler, Rollout, SamplerConfig
 from ibtpo_fast.walk import WalkResult, walk
@@ -307,12 +307,9 @@ def _row(non_tensor_batch: Mapping[str, np.ndarray], i: int) -> dict[str, Any]:
 
 def _leaf_order(leaves: LeafBatch, positions: Sequence[np.ndarray]) -> torch.Tensor:
     """The leaf row for each of verl's rows: tree k's leaves, in leaf order, fill uid k's positions."""
-    counts = np.bincount(leaves.group.numpy(), minlength=len(positions))
-    short = np.flatnonzero(counts != len(positions[0]))
-    if len(short):
-        k = int(short[0])
-        raise ValueError(f"tree {k} grew {counts[k]} leaves, not rollout.n = {len(positions[0])}: fewer than K of its nodes "
-                         f"could branch (single-step responses, or paths at rollout.response_length); lower K in ibtpo.tree")
+    size = len(positions[0])
+    check_leaves_per_tree(leaves, len(positions), size, expected=f"rollout.n = {size}", limit="rollout.response_length",
+                          setting="ibtpo.tree")
     order = np.empty(len(leaves), np.int64)
     for k, where in enumerate(positions):
         order[where] = np.flatnonzero(leaves.group.numpy() == k)
