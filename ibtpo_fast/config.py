@@ -63,6 +63,9 @@ class RolloutConfig:
     top_k: int = -1
     step_delimiter: str = "\n"
     min_step_tokens: int = 1
+    branch_root: bool = True  # the root stays a candidate after round 1 (false: it keeps its B0 children only)
+    tie_break: str = "shallow"  # shallow | deep: which of two equal scores is expanded first
+    min_branch_room: int = 1  # a candidate's path leaves at least this many tokens under max_new_tokens
     token_budget: int = 0  # per tree; 0: no budget
     max_cache_tokens: int = 1_000_000
     reward_timeout_s: float = 10.0
@@ -75,6 +78,7 @@ class AlgoConfig:
     lam: float = 0.1
     eps: float = 1e-6
     step_prob: str = "geomean"
+    ib_norm: str = "mean"  # mean | sum: IB-Score over a node's children (docs/algorithm.md section 2)
     clip_low: float = 0.2
     clip_high: float = 0.2
     kl_coef: float = 0.001
@@ -158,15 +162,17 @@ def _choices() -> dict[str, tuple[str, ...]]:
     from ibtpo_fast.packing import LAYOUTS, PREFIX_WEIGHTINGS
     from ibtpo_fast.policy import MODEL_ATTENTION
     from ibtpo_fast.runlog import PROGRESS_MODES
-    from ibtpo_fast.sampler import SCHEDULES, STRATEGIES
+    from ibtpo_fast.sampler import SCHEDULES, STRATEGIES, TIE_BREAKS
     from ibtpo_fast.tree_attention import TREE_ATTENTION_BACKENDS
-    from ibtpo_fast.walk import STEP_PROBS
+    from ibtpo_fast.walk import IB_NORMS, STEP_PROBS
 
     return {
         **_OWN_CHOICES,
         "rollout.strategy": STRATEGIES,
         "rollout.schedule": SCHEDULES,
         "algo.step_prob": STEP_PROBS,
+        "algo.ib_norm": IB_NORMS,
+        "rollout.tie_break": TIE_BREAKS,
         "algo.loss_agg": tuple(AGGREGATIONS),
         "algo.prefix_weighting": PREFIX_WEIGHTINGS,
         "run.progress": PROGRESS_MODES,
@@ -185,7 +191,7 @@ _POSITIVE = {"data.batch_size", "data.max_prompt_tokens", "rollout.max_new_token
              "rollout.top_p", "rollout.max_cache_tokens", "rollout.reward_timeout_s", "algo.beta",
              "rollout.sglang.mem_fraction_static", "rollout.sglang.weight_bucket_mb",
              "train.ppo_epochs", "train.mini_batches", "train.eval_k", "train.max_bad_steps",
-             "run.keep_last", "run.save_every", "data.val_size"}
+             "run.keep_last", "run.save_every", "data.val_size", "rollout.min_branch_room"}
 _NON_NEGATIVE = {"algo.lam", "algo.eps", "algo.clip_low", "algo.clip_high", "algo.kl_coef", "algo.entropy_coef",
                  "train.steps", "train.lr", "train.warmup_steps", "train.weight_decay", "train.grad_clip",
                  "train.eval_every", "rollout.token_budget", "rollout.min_step_tokens", "data.reward_workers"}

@@ -17,7 +17,7 @@ from ibtpo_fast.data import PromptRow, load_files
 from ibtpo_fast.errors import CheckpointError, MissingExtraError
 from ibtpo_fast.rewards import RewardFn, RewardScorer, default_math_reward, load_reward_fn
 
-TASKS = ("arithmetic", "arithmetic_hard", "file")  # a bundled task, or jsonl / parquet files
+TASKS = ("arithmetic", "arithmetic_hard", "word_problems", "file")  # a bundled task, or jsonl / parquet files
 ENGINES = ("torch", "sglang")
 DTYPES = ("float32", "bfloat16", "float16")
 BUNDLED_TRAIN_ROWS = 4096
@@ -44,10 +44,10 @@ def load_task(task: str, *, train_files: str = "", val_files: str = "", val_size
     if task not in TASKS:
         raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
     if task != "file":
-        from ibtpo_fast.tasks import BUNDLED, compute_score
+        from ibtpo_fast.tasks import BUNDLED
 
         own = BUNDLED[task]
-        train, val, bundled = own.prompt_rows("train", BUNDLED_TRAIN_ROWS), own.prompt_rows("test", val_size), compute_score
+        train, val, bundled = own.prompt_rows("train", BUNDLED_TRAIN_ROWS), own.prompt_rows("test", val_size), own.compute_score
     else:
         train = load_files(train_files) if train_files else []
         val = load_files(val_files)[:val_size] if val_files else []
@@ -73,7 +73,8 @@ def default_max_new_tokens(task: str) -> int:
 
 
 def model_dir(path: str, task: str = "arithmetic") -> Path:
-    """The checkpoint directory `path`; empty: the bundled tiny model of `task` (the default task's for files)."""
+    """The checkpoint directory (or GGUF file) `path`; empty: the bundled model of `task` (the default task's for
+    files)."""
     if path:
         return Path(path)
     from ibtpo_fast.tasks import BUNDLED
@@ -88,11 +89,13 @@ def load_policy(path: str, device: torch.device, dtype: str = "float32", attn_im
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     where = model_dir(path, task)
+    # a .gguf file loads through its folder (transformers de-quantises it; needs `gguf`)
+    folder, gguf = (where.parent, {"gguf_file": where.name}) if where.suffix == ".gguf" else (where, {})
     try:
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=getattr(torch, dtype),
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype),
                                                      attn_implementation=attn_implementation,
-                                                     trust_remote_code=trust_remote_code)
-        tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
+                                                     trust_remote_code=trust_remote_code, **gguf)
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code, **gguf)
     except OSError as e:  # no such directory, or one without weights, config or tokenizer
         raise CheckpointError(f"cannot load a model and tokenizer from {str(where)!r}: {e}") from e
     return model.to(device), tokenizer

@@ -11,6 +11,7 @@ samples on its own seeds. Shared prefixes are never regenerated; the engine's pr
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -23,12 +24,14 @@ import numpy as np
 from ibtpo_fast.engines.protocol import Completion, Engine, Request, SamplingParams
 from ibtpo_fast.forest import Forest
 from ibtpo_fast.steps import step_lengths
-from ibtpo_fast.walk import walk
+from ibtpo_fast.walk import IB_NORMS, walk
 
 STRATEGIES = ("ib", "independent", "random", "entropy")
 # continuous: each tree's next round joins the running decode batch as soon as its last round is rewarded;
 # lockstep: every tree's round r in one engine call, then round r + 1 (the same trees, more wall time)
 SCHEDULES = ("continuous", "lockstep")
+# which of two equal scores is picked first: the shallower node or the deeper one (then the lower index)
+TIE_BREAKS = ("shallow", "deep")
 
 # reward_fn(rows, response_token_ids) -> one reward per response, where rows[i] is what the caller passed
 # to `sample` for response i's tree (its tree index when the caller passed nothing)
@@ -86,6 +89,10 @@ class SamplerConfig:
     token_budget: int | None = None  # per tree: stop branching once spent
     beta: float = 5.0
     step_prob: str = "geomean"
+    ib_norm: str = "mean"  # IB-Score over a node's children: their mean, or their sum / B (docs/algorithm.md section 2)
+    branch_root: bool = True  # the root stays a candidate after round 1 (False: it keeps its B0 children only)
+    tie_break: str = "shallow"
+    min_branch_room: int = 1  # a candidate's path leaves at least this many response tokens under max_new_tokens
     seed: int = 0
     schedule: str = "continuous"
     # continuous schedule: grade each finished round on a background thread while the engine keeps decoding
@@ -96,10 +103,27 @@ class SamplerConfig:
         self.tree = check_tree(self.strategy, self.tree)
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        if self.ib_norm not in IB_NORMS:
+            raise ValueError(f"unknown ib_norm {self.ib_norm!r}; choose one of {', '.join(IB_NORMS)}")
+        if self.tie_break not in TIE_BREAKS:
+            raise ValueError(f"unknown tie_break {self.tie_break!r}; choose one of {', '.join(TIE_BREAKS)}")
+        if self.min_branch_room < 1:
+            raise ValueError(f"min_branch_room must be >= 1, got {self.min_branch_room}")
         if self.max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be > 0, got {self.max_new_tokens}")
         if self.token_budget is not None and self.token_budget <= 0:
             raise ValueError(f"token_budget must be > 0 or None, got {self.token_budget}")
+
+
+@dataclass(frozen=True)
+class Pick:
+    """One node picked for expansion: where each rule spends its branches."""
+
+    node: int  # in the rollout's forest
+    round: int  # the round its continuations belong to (2 .. L)
+    depth: int  # steps from the root (0: the root)
+    response_len: int  # response tokens already on its path
+    cov_eta: float  # Cov(eta1, eta2) over its children when it was picked (NaN with fewer than 2)
 
 
 @dataclass
@@ -108,6 +132,7 @@ class Rollout:
     generated_tokens: np.ndarray  # per tree
     metrics: dict[str, float]
     finish_reason: dict[int, str]  # per leaf
+    picks: list[Pick] = field(default_factory=list)
 
 
 @dataclass
@@ -128,6 +153,7 @@ class _Batch:
     generated: np.ndarray  # per tree
     branches_made: np.ndarray  # per tree
     finish: dict[int, str] = field(default_factory=dict)
+    picks: list[Pick] = field(default_factory=list)
     timing: dict[str, float] = field(default_factory=lambda: {"reward": 0.0, "walk": 0.0})
     prefix_tokens: int = 0
     cached_tokens: int = 0
@@ -191,8 +217,9 @@ class IBTreeSampler:
         batch.timing["rollout"] = time.perf_counter() - start - batch.timing["reward"] - batch.timing["walk"]
         forest, new_index = batch.forest.tree_major()
         finish = {int(new_index[v]): reason for v, reason in batch.finish.items()}
-        metrics = self._metrics(forest, batch, finish)
-        return Rollout(forest, batch.generated, metrics, finish)
+        picks = [dataclasses.replace(p, node=int(new_index[p.node])) for p in batch.picks]
+        metrics = self._metrics(forest, batch, finish, picks)
+        return Rollout(forest, batch.generated, metrics, finish, picks)
 
     # ---- schedules -------------------------------------------------------------------------
     def _lockstep(self, batch: _Batch) -> None:
@@ -334,33 +361,43 @@ class IBTreeSampler:
 
     # ---- branching -------------------------------------------------------------------------
     def _next_round(self, batch: _Batch, trees: Sequence[int], round_idx: int) -> list[_Branch]:
-        """Branches of round `round_idx + 1` for `trees`: the top-K expandable nodes of each by the
-        strategy's score (ties: shallower, then lower index), B continuations each. Scored on a forest
-        of `trees` alone: a tree's picks depend on that tree only, and other trees may be mid-round."""
+        """Branches of round `round_idx + 1` for `trees`: the top-K candidates of each by the strategy's
+        score (ties by `tie_break`, then lower index), B continuations each. Scored on a forest of `trees`
+        alone: a tree's picks depend on that tree only, and other trees may be mid-round."""
         t0, cfg = time.perf_counter(), self.cfg
         sub, nodes = batch.forest.trees_only(trees)
-        score = self._node_scores(sub, [batch.tree_ids[t] for t in trees], round_idx)
+        w = walk(sub, beta=cfg.beta, step_prob=cfg.step_prob, ib_norm=cfg.ib_norm, branch_width=cfg.tree.B)
+        score = w.ib_score if cfg.strategy == "ib" else self._node_scores(sub, [batch.tree_ids[t] for t in trees], round_idx)
         depth = sub.depth()
         response_len = sub.response_lengths()
-        open_node = (sub.num_children > 0) & (response_len < cfg.max_new_tokens)
-        if cfg.token_budget is not None:
-            open_node &= batch.generated[np.asarray(trees)][sub.tree] < cfg.token_budget
+        open_node = self._candidates(sub, response_len, batch.generated[np.asarray(trees)][sub.tree])
+        tie = depth if cfg.tie_break == "shallow" else -depth
         branches = []
         for k, t in enumerate(trees):
             cand = np.flatnonzero(open_node & (sub.tree == k))
-            # lexsort: last key is primary -> score descending, depth ascending, index ascending
-            order = np.lexsort((cand, depth[cand], -score[cand]))
-            picks = [(int(nodes[v]), int(response_len[v])) for v in cand[order[: cfg.tree.K]]]
-            branches += batch.branches(t, picks, cfg.tree.B)
+            # lexsort: last key is primary -> score descending, then the tie rule, then index ascending
+            for v in cand[np.lexsort((cand, tie[cand], -score[cand]))[: cfg.tree.K]]:
+                batch.picks.append(Pick(int(nodes[v]), round_idx + 1, int(depth[v]), int(response_len[v]),
+                                        float(w.cov_eta[v])))
+                branches += batch.branches(t, [(int(nodes[v]), int(response_len[v]))], cfg.tree.B)
         batch.timing["walk"] += time.perf_counter() - t0
         return branches
 
-    def _node_scores(self, forest: Forest, tree_ids: Sequence[int], round_idx: int) -> np.ndarray:
-        """Every node's score, on a forest whose tree k has id `tree_ids[k]` (the random strategy's draws
-        are seeded by the tree's id and the round)."""
+    def _candidates(self, forest: Forest, response_len: np.ndarray, tree_generated: np.ndarray) -> np.ndarray:
+        """Nodes that may be expanded (docs/algorithm.md section 3): non-leaves with room left on their path,
+        the root only with `branch_root`, in trees that have not spent their token budget."""
         cfg = self.cfg
-        if cfg.strategy == "ib":
-            return walk(forest, beta=cfg.beta, step_prob=cfg.step_prob).ib_score
+        ok = (forest.num_children > 0) & (cfg.max_new_tokens - response_len >= cfg.min_branch_room)
+        if not cfg.branch_root:
+            ok &= forest.parent >= 0
+        if cfg.token_budget is not None:
+            ok &= tree_generated < cfg.token_budget
+        return ok
+
+    def _node_scores(self, forest: Forest, tree_ids: Sequence[int], round_idx: int) -> np.ndarray:
+        """The random and entropy strategies' score of every node, on a forest whose tree k has id
+        `tree_ids[k]` (the random strategy's draws are seeded by the tree's id and the round)."""
+        cfg = self.cfg
         if cfg.strategy == "random":
             score = np.zeros(len(forest))
             for k, tree_id in enumerate(tree_ids):
@@ -383,7 +420,7 @@ class IBTreeSampler:
         return total / np.maximum(forest.num_children, 1)
 
     # ---- accounting ------------------------------------------------------------------------
-    def _metrics(self, forest: Forest, batch: _Batch, finish: dict[int, str]) -> dict:
+    def _metrics(self, forest: Forest, batch: _Batch, finish: dict[int, str], picks: list[Pick]) -> dict:
         leaves = forest.is_leaf
         resp_len = forest.response_lengths()[leaves]
         trajectories = int(leaves.sum())
@@ -401,8 +438,23 @@ class IBTreeSampler:
             # share of trajectories cut at max_new_tokens (they score 0)
             "response_length/clip_ratio": float(np.mean([finish[v] == "length" for v in np.flatnonzero(leaves)])),
             "rollout/prefix_cache_hit_rate": batch.cached_tokens / max(batch.prefix_tokens, 1),
+            **pick_metrics(picks, float(resp_len.mean())),
             **{f"timing/{k}": v for k, v in batch.timing.items()},
         }
+
+
+def pick_metrics(picks: Sequence[Pick], mean_response_len: float) -> dict[str, float]:
+    """Where a rollout's branches went: the share picked at the root, the response tokens already on a
+    picked node's path as a share of the mean response length (how much of a response each continuation
+    skips), and the mean Cov(eta1, eta2) at picked nodes with two or more children (NaN without picks)."""
+    if not picks:
+        return {"tree/root_pick_share": float("nan"), "tree/pick_prefix_share": float("nan"), "ib/cov_eta_picked": float("nan")}
+    cov = np.array([p.cov_eta for p in picks])
+    return {
+        "tree/root_pick_share": float(np.mean([p.depth == 0 for p in picks])),
+        "tree/pick_prefix_share": float(np.mean([p.response_len for p in picks])) / max(mean_response_len, 1e-12),
+        "ib/cov_eta_picked": float(np.nanmean(cov)) if np.isfinite(cov).any() else float("nan"),
+    }
 
 
 def branch_seed(seed: int, tree_id: int, branch: int) -> int:

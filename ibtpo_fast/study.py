@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from ibtpo_fast import sampling_study
 from ibtpo_fast.config import PRESETS
 from ibtpo_fast.errors import user_errors_end_cleanly
 from ibtpo_fast.runlog import read_metrics
@@ -198,71 +199,6 @@ def plot(by_preset: dict[str, list[Run]], out_dir: Path) -> list[Path]:
     return [*written, out_dir / "training_dynamics.png"]
 
 
-# ---------------------------------------------------------------- branching strategies, sampling only
-
-# The paper's Table 3 on our workload: the same budget under each branching rule, from the starting model.
-SAMPLING_ARMS = {
-    "independent G=8": ["preset=grpo"],
-    "independent G=12": ["preset=grpo", "rollout.tree=12,1,1,1"],
-    "random tree (4,9,1,1)": ["preset=random_tree"],
-    "entropy tree (4,9,1,1)": ["preset=entropy_tree"],
-    "IB tree (4,9,1,1)": ["preset=ibtpo"],
-}
-
-
-PAPER_LAMBDA = 0.1
-
-
-def sampling_table(problems: int, overrides: Sequence[str]) -> str:
-    """Trees of every arm in SAMPLING_ARMS on the first `problems` training prompts, sampled from the
-    starting model: trajectories and generated tokens per tree, share of effective trees (leaf rewards
-    not all equal), mean trajectory accuracy, and how large IB-TPO's local advantage is against the
-    global one on those trees (lambda = 0.1, token-weighted means of the absolute values)."""
-    from ibtpo_fast.config import load_config
-
-    lines = ["| branching | trajectories per tree | tokens per tree | effective trees | trajectory accuracy | "
-             "trajectories per 1k tokens | 0.1 mean abs A_IB / mean abs A_GL |", "|---|---|---|---|---|---|---|"]
-    for arm, arm_args in SAMPLING_ARMS.items():
-        trees, traj, tokens, eff, correct, ib, gl = _sample_arm(load_config([*arm_args, *overrides]), problems)
-        lines.append(f"| {arm} | {traj / trees:.1f} | {tokens / trees:.0f} | {100 * eff / trees:.1f}% | "
-                     f"{100 * correct / traj:.1f}% | {1000 * traj / tokens:.1f} | {PAPER_LAMBDA * ib / max(gl, 1e-12):.3f} |")
-    return f"{trees} training problems, one tree each, sampled from the starting model.\n\n" + "\n".join(lines) + "\n"
-
-
-def _sample_arm(cfg, problems: int, chunk: int = 128) -> tuple[int, float, float, float, float, float, float]:
-    """(trees, trajectories, generated tokens, effective trees, summed leaf rewards, token-weighted sums of
-    |A_IB| and |A_GL|) of one arm."""
-    from ibtpo_fast.data import encode_prompt
-    from ibtpo_fast.engines.torch_engine import TorchEngine
-    from ibtpo_fast.loading import load_policy, resolve_device, stop_token_ids
-    from ibtpo_fast.sampler import IBTreeSampler
-    from ibtpo_fast.trainer import sampler_config, task_of
-    from ibtpo_fast.walk import walk
-
-    task = task_of(cfg, val_size=1)
-    model, tok = load_policy(cfg.model.path, resolve_device(cfg.model.device), cfg.model.dtype, task=cfg.data.task)
-    rows = task.train[:problems]
-    totals = np.zeros(6)
-    with task.scorer(cfg.rollout.reward_timeout_s) as scorer:
-        def reward(batch_rows, responses):
-            texts = tok.batch_decode([r.tolist() for r in responses], skip_special_tokens=True)
-            return scorer([r.data_source for r in batch_rows], texts, [r.ground_truth for r in batch_rows],
-                          [r.extra_info for r in batch_rows])
-
-        sampler = IBTreeSampler(TorchEngine(model, tokenizer=tok), tok, reward, sampler_config(cfg, stop_token_ids(model, tok)))
-        for start in range(0, len(rows), chunk):
-            part = rows[start : start + chunk]
-            rollout = sampler.sample([encode_prompt(r, tok, cfg.data.max_prompt_tokens) for r in part], part)
-            m, n = rollout.metrics, len(part)
-            w = walk(rollout.forest, beta=cfg.algo.beta, lam=PAPER_LAMBDA, eps=cfg.algo.eps, step_prob=cfg.algo.step_prob)
-            steps = rollout.forest.parent >= 0
-            tokens = rollout.forest.num_tokens[steps]
-            totals += [m["tree/trajectories"] * n, m["tree/generated_tokens"] * n, m["tree/eff_rate"] * n,
-                       m["critic/score/mean"] * m["tree/trajectories"] * n,
-                       float(np.nansum(np.abs(w.adv_ib[steps]) * tokens)), float(np.nansum(np.abs(w.adv_global[steps]) * tokens))]
-    return len(rows), *totals
-
-
 # ---------------------------------------------------------------- command
 
 
@@ -277,6 +213,13 @@ def _args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
     ap.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 1) // 2), help="runs at once")
     ap.add_argument("--sampling", type=int, default=0, metavar="N",
                     help="instead of training: the branching strategies on N problems, sampling only")
+    ap.add_argument("--candidates", nargs="?", const="root,norm,pi,tie", default="", metavar="CHOICES",
+                    help="with --sampling: also every reconstruction of these open choices of the IB tree "
+                         "(default: root,norm,pi,tie)")
+    ap.add_argument("--refine", default="", metavar="OVERRIDES",
+                    help="with --sampling: the stage-1 winner (its overrides, space-separated) and its refinements")
+    ap.add_argument("--select", nargs="+", metavar="SAMPLING_JSON",
+                    help="instead of training: the pre-registered rule over candidates' sampling.json files")
     args = ap.parse_args(argv)
     presets = [p for p in args.presets.split(",") if p]
     unknown = [p for p in presets if p not in PRESETS]
@@ -291,13 +234,19 @@ def _args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
 def main(argv: Sequence[str] | None = None) -> int:
     args, overrides = _args(argv)
     out = Path(args.out)
+    command = f"python -m ibtpo_fast.study {' '.join(sys.argv[1:] if argv is None else argv)}"
+    if args.select:
+        with user_errors_end_cleanly():
+            text = sampling_study.select(args.select)
+        return _write(out / "selection.md", command, text)
     if args.sampling:
         with user_errors_end_cleanly():
-            text = sampling_table(args.sampling, overrides)
+            data = sampling_study.run(args.sampling, overrides, [c for c in args.candidates.split(',') if c],
+                                       args.refine.split(), command)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "sampling.md").write_text(f"`python -m ibtpo_fast.study {' '.join(sys.argv[1:] if argv is None else argv)}`\n\n{text}")
-        print(text)
-        return 0
+        (out / "sampling.json").write_text(json.dumps(data, indent=1))
+        sampling_study.plot_pick_depth(data, out / "pick_depth.png")
+        return _write(out / "sampling.md", command, sampling_study.table(data))
     from ibtpo_fast.config import load_config  # a bad override fails here, before any run starts
 
     with user_errors_end_cleanly():
@@ -316,6 +265,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     (out / "results.md").write_text(f"`python -m ibtpo_fast.study {' '.join(sys.argv[1:] if argv is None else argv)}`\n\n{text}")
     plot(by_preset, out / "plots")
     (out / "summary.json").write_text(json.dumps({p: [r.evals[-1] for r in rs] for p, rs in by_preset.items()}, indent=1))
+    print(text)
+    return 0
+
+
+def _write(path: Path, command: str, text: str) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"`{command}`\n\n{text}")
     print(text)
     return 0
 

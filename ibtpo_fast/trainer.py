@@ -23,7 +23,7 @@ from ibtpo_fast.loading import Task, build_engine, check_engine, load_policy, lo
 from ibtpo_fast.packing import TrainBatch, flatten, pack_trees
 from ibtpo_fast.policy import TokenLogprobs, resolve_tree_attention, supports_tree_packing
 from ibtpo_fast.runlog import RunLogger, SilentLogger, plot_metrics, read_metrics
-from ibtpo_fast.sampler import IBTreeSampler, Rollout, SamplerConfig
+from ibtpo_fast.sampler import IBTreeSampler, Rollout, SamplerConfig, TreeSpec
 from ibtpo_fast.update import SKIPPED, UpdateSettings, ppo_update
 from ibtpo_fast.walk import WalkResult, walk
 
@@ -43,7 +43,8 @@ def sampler_config(cfg: Config, stop_ids: Sequence[int], async_rewards: bool = F
         strategy=r.strategy, schedule=r.schedule, tree=r.tree, max_new_tokens=r.max_new_tokens,
         sampling=SamplingParams(r.temperature, r.top_p, r.top_k), stop_token_ids=tuple(stop_ids),
         step_delimiter=r.step_delimiter, min_step_tokens=r.min_step_tokens, token_budget=r.token_budget or None,
-        beta=cfg.algo.beta, step_prob=cfg.algo.step_prob, seed=cfg.train.seed, async_rewards=async_rewards,
+        beta=cfg.algo.beta, step_prob=cfg.algo.step_prob, ib_norm=cfg.algo.ib_norm, branch_root=r.branch_root,
+        tie_break=r.tie_break, min_branch_room=r.min_branch_room, seed=cfg.train.seed, async_rewards=async_rewards,
     )
 
 
@@ -207,7 +208,8 @@ class Trainer:
         if self.rollout_weights is not None:
             self.rollout_weights.free()
         t0 = time.perf_counter()
-        w = walk(rollout.forest, beta=cfg.algo.beta, lam=cfg.algo.lam, eps=cfg.algo.eps, step_prob=cfg.algo.step_prob)
+        w = walk(rollout.forest, beta=cfg.algo.beta, lam=cfg.algo.lam, eps=cfg.algo.eps, step_prob=cfg.algo.step_prob,
+                 ib_norm=cfg.algo.ib_norm, branch_width=TreeSpec.parse(cfg.rollout.tree).B)
         t_walk = time.perf_counter() - t0
         batch = self.pack(rollout.forest, w)
         t_pack = time.perf_counter() - t0 - t_walk

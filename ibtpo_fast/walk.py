@@ -9,6 +9,8 @@ from ibtpo_fast import _native
 from ibtpo_fast.forest import Forest
 
 STEP_PROBS = ("geomean", "product")
+# IB(v) over v's children: (1 + beta) times their mean of eta1 * eta2, or their sum divided by the tree's B
+IB_NORMS = ("mean", "sum")
 
 
 @dataclass(frozen=True)
@@ -51,13 +53,21 @@ def walk(
     lam: float = 0.1,
     eps: float = 1e-6,
     step_prob: str = "geomean",
+    ib_norm: str = "mean",
+    branch_width: int = 1,
 ) -> WalkResult:
     """Leaves, p, IB-Score, Cov(eta1, eta2) and step-level advantages in one native pass.
 
+    `ib_norm="sum"` scales the native walk's mean-over-children IB-Score by m(v) / `branch_width`, the
+    reading of docs/algorithm.md section 2 that divides by the tree's B rather than by the child count.
     Raises ValueError naming the first bad node for a malformed forest.
     """
+    if ib_norm not in IB_NORMS:
+        raise ValueError(f"ib_norm must be one of {', '.join(IB_NORMS)}, got {ib_norm!r}")
     out = _native.walk(
         forest.parent, forest.tree, forest.logprob_sum, forest.num_tokens, forest.reward,
         forest.num_trees, beta=beta, lam=lam, eps=eps, step_prob=step_prob,
     )
+    if ib_norm == "sum":
+        out["ib_score"] = out["ib_score"] * out["num_children"] / branch_width
     return WalkResult(**out)

@@ -5,7 +5,7 @@ import warnings
 import numpy as np
 import pytest
 
-from ibtpo_fast import study
+from ibtpo_fast import sampling_study, study
 
 SMOKE = ["train.steps=2", "train.eval_every=1", "data.batch_size=2", "data.val_size=4", "train.eval_k=2"]
 
@@ -49,6 +49,41 @@ def test_branching_table_sampling_only(tmp_path):
         assert study.main(["--sampling", "3", "--out", str(tmp_path)]) == 0
     text = (tmp_path / "sampling.md").read_text()
     rows = [line for line in text.splitlines() if line.startswith("| ") and "branching" not in line]
-    assert [r.split(" | ")[0][2:] for r in rows] == list(study.SAMPLING_ARMS)
-    assert [r.split(" | ")[1] for r in rows] == ["8.0", "12.0", "12.0", "12.0", "12.0"]  # the specs' trajectories
-    assert all(0 <= float(r.split(" | ")[6].rstrip(" |")) < 1 for r in rows)  # the local advantage's relative size
+    assert [r.split(" | ")[0][2:] for r in rows] == list(sampling_study.BASELINES)
+    cells = [r.split(" | ") for r in rows]
+    assert [c[1] for c in cells] == ["8.0", "12.0", "12.0", "12.0", "12.0"]  # the specs' trajectories
+    assert cells[0][3] == "1.00x" and cells[0][8] == "-"  # G=8 against itself; independent sampling picks nothing
+    assert all(0 <= float(c[-1].rstrip(" |")) < 1 for c in cells)  # the local advantage's relative size
+    data = json.loads((tmp_path / "sampling.json").read_text())
+    ib = data["arms"]["IB tree (4,9,1,1)"]
+    assert ib["picks"] == 3 * 8 and len(ib["pick_depths"]) == 24 and ib["config"]["rollout"]["tree"] == "4,9,1,1"
+    assert len(data["commit"]) == 40 and (tmp_path / "pick_depth.png").stat().st_size > 1000
+
+
+def test_candidates_and_the_preregistered_rule(tmp_path):
+    """Every candidate is sampled (a candidate equal to a baseline reuses its totals), and --select ranks
+    them by the rule of docs/algorithm.md section 9 over workloads."""
+    for task in ("arithmetic", "arithmetic_hard"):
+        assert study.main(["--sampling", "2", "--candidates", "root,norm", "--out", str(tmp_path / task), "--",
+                           f"data.task={task}"]) == 0
+    data = json.loads((tmp_path / "arithmetic" / "sampling.json").read_text())
+    names = [n for n in data["arms"] if n not in sampling_study.BASELINES]
+    assert len(names) == 4 and all("/ geomean / shallow" in n for n in names)
+    default = data["arms"]["IB root kept / mean / geomean / shallow"]
+    assert default["tokens"] == data["arms"]["IB tree (4,9,1,1)"]["tokens"]
+    assert data["arms"]["IB root dropped / mean / geomean / shallow"]["root_picks"] == 0
+    files = [str(tmp_path / t / "sampling.json") for t in ("arithmetic", "arithmetic_hard")]
+    assert study.main(["--select", *files, "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "selection.md").read_text()
+    ranked = [line.split(" | ") for line in text.splitlines() if line.startswith("| IB")]
+    assert len(ranked) == 4 and [float(r[1]) for r in ranked] == sorted(float(r[1]) for r in ranked)
+    assert f"Chosen: **{ranked[0][0][2:]}**" in text
+
+
+def test_shortfall_of_the_rule():
+    ref = {sampling_study.G8: {"accuracy": 0.40}, sampling_study.G12: {"accuracy": 0.41, "effective": 0.90},
+           sampling_study.RANDOM: {"accuracy": 0.42}}
+    s, met = sampling_study.shortfall({"tokens_vs_g8": 1.02, "effective": 0.95, "accuracy": 0.45}, ref)
+    assert s == 0 and met == [True, True, True]
+    s, met = sampling_study.shortfall({"tokens_vs_g8": 1.13, "effective": 0.85, "accuracy": 0.42}, ref)
+    assert s == pytest.approx(0.10 + 0.05 + 0.001) and met == [False, False, False]

