@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import json
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -139,10 +140,13 @@ def _add_rollout(t: dict[str, float], depths: list[int], rollout, w) -> None:
         depths.append(p.depth)
 
 
-def run(problems: int, overrides: Sequence[str], vary: Sequence[str], refine: Sequence[str], command: str) -> dict[str, Any]:
+def run(problems: int, overrides: Sequence[str], vary: Sequence[str], refine: Sequence[str], command: str,
+        cache: Path | None = None) -> dict[str, Any]:
     """Every arm's totals, with the provenance and resolved config of each: the baselines, plus the
     stage-1 candidates varying the choices `vary` and the stage-2 refinements of the winner `refine`.
-    An arm whose resolved config another arm already sampled reuses its totals (sampling is seeded)."""
+    An arm whose resolved config another arm already sampled reuses its totals (sampling is seeded), and
+    so does a rerun: each arm's totals go to `cache` as they finish, keyed by commit, problems and config,
+    so an interrupted study resumes with the arms it still lacks (an uncommitted tree never reuses)."""
     from ibtpo_fast.config import load_config, to_dict
 
     arms = dict(BASELINES)
@@ -151,12 +155,18 @@ def run(problems: int, overrides: Sequence[str], vary: Sequence[str], refine: Se
     if refine:
         arms.update(refine_arms(refine, load_config(["preset=ibtpo", *overrides]).rollout.max_new_tokens))
     out = {"command": command, "problems": problems, "overrides": list(overrides), **provenance(), "arms": {}}
-    done: dict[str, dict[str, Any]] = {}
+    reusable = cache is not None and not out["dirty"]
+    done: dict[str, dict[str, Any]] = json.loads(cache.read_text()) if reusable and cache.exists() else {}
     for name, arm_args in arms.items():
         cfg = load_config([*arm_args, *overrides])
-        key = json.dumps({**to_dict(cfg), "preset": ""}, sort_keys=True)  # the preset's name draws nothing
+        # the preset's name draws nothing, so two presets resolving to one config share a key
+        key = json.dumps({"commit": out["commit"], "problems": problems, **to_dict(cfg), "preset": ""}, sort_keys=True)
         if key not in done:
+            t0 = time.perf_counter()
             done[key] = sample_arm(cfg, problems)
+            print(f"[sampling] {name}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+            if reusable:
+                cache.write_text(json.dumps(done))
         out["arms"][name] = {"args": arm_args, "config": to_dict(cfg), **done[key]}
     return out
 

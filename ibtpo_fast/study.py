@@ -240,10 +240,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             text = sampling_study.select(args.select)
         return _write(out / "selection.md", command, text)
     if args.sampling:
+        out.mkdir(parents=True, exist_ok=True)
         with user_errors_end_cleanly():
             data = sampling_study.run(args.sampling, overrides, [c for c in args.candidates.split(',') if c],
-                                       args.refine.split(), command)
-        out.mkdir(parents=True, exist_ok=True)
+                                       args.refine.split(), command, cache=out / "sampling.cache.json")
         (out / "sampling.json").write_text(json.dumps(data, indent=1))
         sampling_study.plot_pick_depth(data, out / "pick_depth.png")
         return _write(out / "sampling.md", command, sampling_study.table(data))
