@@ -39,7 +39,7 @@ class Task:
 
 def load_task(task: str, *, train_files: str = "", val_files: str = "", val_size: int, reward_fn: str = "",
               reward_workers: int = 2) -> Task:
-    """The rows and the grader of `task`: a bundled arithmetic task, or jsonl / parquet files (`file`).
+    """The rows and the grader of `task`: a bundled task, or jsonl / parquet files (`file`).
     `reward_fn` ("module:function" or "file.py:function") replaces the task's grader."""
     if task not in TASKS:
         raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")

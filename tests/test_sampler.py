@@ -126,6 +126,69 @@ def test_pick_follows_ib_score_and_tie_rules(tiny):
     assert picked == want
 
 
+
+def forked_forest():
+    """Root with children a (chain 3 steps, reward 1) and b (chain 2 steps, reward 0), where a's second
+    node is a 2-child fork: four inner nodes at depths 0, 1, 1 and 2, with ties among them."""
+    f = Forest()
+    root = f.add_tree([1, 2])
+    a = f.add_chain(root, [[3], [4], [5]], [-0.1, -0.1, -0.1])
+    f.add_chain(a[0], [[4], [6]], [-0.1, -0.1])
+    b = f.add_chain(root, [[3], [4]], [-0.1, -0.1])
+    for leaf in np.flatnonzero(f.is_leaf):
+        f.set_reward(leaf, 1.0 if leaf != b[-1] else 0.0)
+    return f
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(branch_root=False), dict(tie_break="deep"), dict(ib_norm="sum"),
+                                dict(min_branch_room=63)])
+def test_candidates_and_order_follow_the_options(tiny, kw):
+    """Each open choice of docs/algorithm.md section 9 changes the ranking as documented: the root leaves
+    the candidates without branch_root, `deep` puts deeper nodes first among equal scores, `sum` ranks by
+    the summed score, and min_branch_room drops nodes whose path leaves less room."""
+    spec = TreeSpec(2, 2, 4, 2)
+    sampler, _, _ = make_sampler(tiny, make_split("train", 1), tree=spec, **kw)
+    f = forked_forest()
+    ib = walk(f, ib_norm=kw.get("ib_norm", "mean"), branch_width=spec.B).ib_score
+    batch = _Batch(f, [0], [0], np.zeros(1, np.int64), np.zeros(1, np.int64))
+    picked = [br.node for br in sampler._next_round(batch, [0], 1)][:: spec.B]
+    depth, room = f.depth(), 64 - f.response_lengths()
+    cand = [v for v in range(len(f)) if f.num_children[v] > 0 and room[v] >= kw.get("min_branch_room", 1)
+            and (kw.get("branch_root", True) or v != 0)]
+    sign = -1 if kw.get("tie_break") == "deep" else 1
+    assert picked == sorted(cand, key=lambda v: (-ib[v], sign * depth[v], v))[: spec.K]
+    assert [p.node for p in batch.picks] == picked and all(p.round == 2 for p in batch.picks)
+    assert [p.depth for p in batch.picks] == [int(depth[v]) for v in picked]
+
+
+def test_sum_norm_scales_by_children_over_branch_width():
+    f = forked_forest()
+    mean, total = walk(f).ib_score, walk(f, ib_norm="sum", branch_width=2).ib_score
+    inner = f.num_children > 0
+    np.testing.assert_allclose(total[inner], mean[inner] * f.num_children[inner] / 2, rtol=1e-12)
+    with pytest.raises(ValueError, match="ib_norm"):
+        walk(f, ib_norm="max")
+
+
+@pytest.mark.parametrize("branch_root", [True, False])
+def test_picks_say_where_the_branches_went(tiny, branch_root):
+    problems = make_split("train", 3)
+    sampler, _, _ = make_sampler(tiny, problems, tree=TreeSpec(2, 4, 1, 2), branch_root=branch_root)
+    rollout = sampler.sample(prompts_of(tiny[1], problems))
+    f, picks, m = rollout.forest, rollout.picks, rollout.metrics
+    assert len(picks) == 3 * 3  # K = 1 pick per tree in each of rounds 2..4
+    assert sorted(p.round for p in picks) == sorted([2, 3, 4] * 3)
+    for p in picks:  # the records point at the picked nodes of the returned forest
+        assert f.num_children[p.node] >= 2 and f.depth()[p.node] == p.depth
+        assert f.response_lengths()[p.node] == p.response_len
+    root_share = np.mean([p.depth == 0 for p in picks])
+    assert m["tree/root_pick_share"] == pytest.approx(root_share)
+    assert (root_share == 0) or branch_root
+    leaves = f.is_leaf
+    prefix = np.mean([p.response_len for p in picks]) / f.response_lengths()[leaves].mean()
+    assert m["tree/pick_prefix_share"] == pytest.approx(prefix)
+
+
 def test_independent_is_one_round(tiny):
     problems = make_split("train", 2)
     sampler, engine, _ = make_sampler(tiny, problems, strategy="independent", tree=TreeSpec(5, 1, 1, 1))
@@ -241,7 +304,8 @@ def same_tree(a, b, t: int) -> bool:
 
 
 @pytest.mark.parametrize("kw", [dict(strategy="ib", tree=TreeSpec(3, 4, 1, 1)), dict(strategy="random", tree=TreeSpec(2, 4, 2, 1)),
-                                dict(strategy="entropy", tree=TreeSpec(2, 3, 1, 2)), dict(tree=TreeSpec(2, 5, 1, 1), token_budget=60)])
+                                dict(strategy="entropy", tree=TreeSpec(2, 3, 1, 2)), dict(tree=TreeSpec(2, 5, 1, 1), token_budget=60),
+                                dict(tree=TreeSpec(2, 4, 1, 1), branch_root=False, ib_norm="sum", tie_break="deep")])
 def test_continuous_grows_the_lockstep_forest(tiny, kw):
     """Continuous and lock-step schedules grow the same trees: same picks, rounds, tokens, rewards and
     accounting. Requests decoded one at a time from scratch make tokens a function of prefix and seed

@@ -13,10 +13,12 @@ from ibtpo_fast.tasks import (
     BUNDLED,
     DATA_SOURCE,
     STEP_DELIMITER,
+    TINY_MODEL_TASKS,
     ArithmeticConfig,
     compute_score,
     extract_answer,
     make_split,
+    word_problems,
 )
 from ibtpo_fast.tasks.arithmetic import INSTRUCTION, parse_prompt, question_of, response_budget, split_of
 from ibtpo_fast.tasks.char_tokenizer import CHARS, build_char_tokenizer, save_char_tokenizer
@@ -135,7 +137,7 @@ def test_tokenizer_every_char_is_a_token():
     assert tok.decode(tok.encode("1  2\n\n", add_special_tokens=False)) == "1  2\n\n"
 
 
-@pytest.mark.parametrize("cfg", [t.problems for t in BUNDLED.values()]
+@pytest.mark.parametrize("cfg", [t.problems for t in TINY_MODEL_TASKS.values()]
                          + [ArithmeticConfig(num_ops_min=1, num_ops_max=4, max_result=200)])
 def test_response_budget_holds_the_longest_solution_and_its_stop_token(cfg):
     longest = max(len(p.solution) for p in make_split("train", 2000, cfg))
@@ -165,3 +167,40 @@ def test_a_task_brings_its_response_length_and_model_unless_told_otherwise(task,
     assert load_config([f"data.task={task}", "rollout.max_new_tokens=40", *files]).rollout.max_new_tokens == 40
     own = BUNDLED.get(task, BUNDLED["arithmetic"]).model_path
     assert model_dir("", task) == own and model_dir("/elsewhere", task).as_posix() == "/elsewhere"
+
+
+# ---------------------------------------------------------------- word problems (SmolLM2's task)
+
+
+def _solve(question: str) -> int:
+    """The answer recomputed from the story's sentences, independently of the generator."""
+    count = int(re.search(r"has (\d+)", question).group(1))
+    for verb, n in re.findall(r"(gets|gives away) (\d+)", question):
+        count += int(n) if verb == "gets" else -int(n)
+    return count
+
+
+def test_word_problems_are_right_distinct_and_split_by_question():
+    train, test = word_problems.prompt_rows("train", 400), word_problems.prompt_rows("test", 100)
+    questions = [r.prompt[0]["content"] for r in train + test]
+    assert len(set(questions)) == len(questions)
+    assert all(int(r.ground_truth) == _solve(r.prompt[0]["content"]) >= 0 for r in train + test)
+    steps = Counter(len(re.findall(r"gets|gives away", q)) for q in questions)
+    assert set(steps) == {1, 2} and min(steps.values()) > 100  # one- and two-step problems, both common
+    assert word_problems.prompt_rows("train", 5) == train[:5]  # a fixed order
+
+
+def test_word_problems_grade_the_last_number():
+    score = word_problems.compute_score
+    assert score("word_problems", "Mia has 3 and gets 2.\nSo she has 5 apples.", "5") == 1.0
+    assert score("word_problems", "The answer is 5, not 4", "5") == 0.0
+    assert score("word_problems", "no numbers here", "5") == 0.0
+
+
+def test_word_problems_load_as_a_task_with_its_own_grader_and_model():
+    task = load_task("word_problems", val_size=8)
+    row = task.train[0]
+    assert row.prompt[0]["role"] == "user" and len(task.val) == 8
+    assert task.reward_fn(row.data_source, f"so: {row.ground_truth}", row.ground_truth, row.extra_info) == 1.0
+    assert load_config(["data.task=word_problems"]).rollout.max_new_tokens == word_problems.MAX_NEW_TOKENS
+    assert model_dir("", "word_problems").suffix == ".gguf"

@@ -6,14 +6,14 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from ibtpo_fast.tasks import BUNDLED, DATA_SOURCE, ArithmeticConfig, compute_score, make_split, tiny_model_path
+from ibtpo_fast.tasks import BUNDLED, DATA_SOURCE, TINY_MODEL_TASKS, ArithmeticConfig, compute_score, make_split, tiny_model_path
 from ibtpo_fast.tasks.arithmetic import response_budget
 from ibtpo_fast.tasks.make_tiny_model import META_FILE, sample_solutions
 
 
-@pytest.fixture(scope="module", params=sorted(BUNDLED))
+@pytest.fixture(scope="module", params=sorted(TINY_MODEL_TASKS))
 def bundled(request):
-    return BUNDLED[request.param]
+    return TINY_MODEL_TASKS[request.param]
 
 
 @pytest.fixture(scope="module")

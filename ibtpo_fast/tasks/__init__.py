@@ -74,12 +74,13 @@ class WordProblemsTask:
     compute_score = staticmethod(word_problems.compute_score)
 
 
-BUNDLED: dict[str, BundledTask | WordProblemsTask] = {
+# the arithmetic tasks, each with the tiny model trained for it
+TINY_MODEL_TASKS: dict[str, BundledTask] = {
     "arithmetic": BundledTask("arithmetic", ArithmeticConfig(), "tiny_model"),
     "arithmetic_hard": BundledTask("arithmetic_hard", ArithmeticConfig(num_ops_min=2, num_ops_max=9, balance_ops=True),
                                    "tiny_model_hard"),
-    "word_problems": WordProblemsTask(),
 }
+BUNDLED: dict[str, BundledTask | WordProblemsTask] = {**TINY_MODEL_TASKS, "word_problems": WordProblemsTask()}
 
 
 def tiny_model_path() -> Path:
@@ -91,6 +92,7 @@ __all__ = [
     "BUNDLED",
     "DATA_SOURCE",
     "STEP_DELIMITER",
+    "TINY_MODEL_TASKS",
     "ArithmeticConfig",
     "BundledTask",
     "Problem",

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from transformers import GenerationConfig, PreTrainedTokenizerBase, Qwen2Config, Qwen2ForCausalLM
 
-from ibtpo_fast.tasks import BUNDLED
+from ibtpo_fast.tasks import TINY_MODEL_TASKS
 from ibtpo_fast.tasks.arithmetic import (
     DATA_SOURCE,
     ArithmeticConfig,
@@ -250,7 +250,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     pick = argparse.ArgumentParser(add_help=False)
     pick.add_argument("--task", choices=sorted(RECIPES), default="arithmetic")
     name = pick.parse_known_args(argv)[0].task
-    bundled, recipe = BUNDLED[name], RECIPES[name]
+    bundled, recipe = TINY_MODEL_TASKS[name], RECIPES[name]
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], parents=[pick])
     ap.add_argument("--out", type=Path, default=bundled.model_path)
     ap.add_argument("--eval-problems", type=int, default=500)
