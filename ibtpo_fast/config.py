@@ -105,6 +105,8 @@ class TrainConfig:
     tree_attention: str = "auto"  # gather | mask | flex | auto: flex for flex_attention models, else gather
     parallel: str = "auto"  # under torchrun: fsdp | ddp | none | auto: fsdp on more than one rank
     param_dtype: str = ""  # fsdp mixed precision: compute in this dtype (bfloat16), reduce gradients in fp32
+    max_tokens_per_micro_batch: int = 0  # padded tokens per forward and backward, gradients accumulated; 0: no split
+    activation_checkpointing: bool = False  # recompute each decoder layer's activations in the backward
 
 
 @dataclass
@@ -194,7 +196,8 @@ _POSITIVE = {"data.batch_size", "data.max_prompt_tokens", "rollout.max_new_token
              "run.keep_last", "run.save_every", "data.val_size", "rollout.min_branch_room"}
 _NON_NEGATIVE = {"algo.lam", "algo.eps", "algo.clip_low", "algo.clip_high", "algo.kl_coef", "algo.entropy_coef",
                  "train.steps", "train.lr", "train.warmup_steps", "train.weight_decay", "train.grad_clip",
-                 "train.eval_every", "rollout.token_budget", "rollout.min_step_tokens", "data.reward_workers"}
+                 "train.eval_every", "train.max_tokens_per_micro_batch", "rollout.token_budget", "rollout.min_step_tokens",
+                 "data.reward_workers"}
 
 
 def _coerce(key: str, raw: Any, typ: Any) -> Any:

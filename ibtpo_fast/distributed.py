@@ -53,6 +53,9 @@ class World:
     def sum(self, value: float) -> float:
         return self._reduce([value], dist.ReduceOp.SUM)[0]
 
+    def max(self, value: float) -> float:
+        return self._reduce([value], dist.ReduceOp.MAX)[0]
+
     def all_true(self, flag: bool) -> bool:
         return self._reduce([float(flag)], dist.ReduceOp.MIN)[0] > 0
 

@@ -31,13 +31,25 @@ AGGREGATIONS: dict[str, Aggregation] = {
 }
 
 
-def token_coefficients(mode: str, mult: torch.Tensor, seq_share: torch.Tensor, num_traj: int,
-                       reduce: Callable[[float], float] | None = None) -> torch.Tensor:
-    """Per-token loss coefficients; `reduce` turns this batch's normaliser into the global batch's."""
+def _aggregate(mode: str, mult: torch.Tensor, seq_share: torch.Tensor, num_traj: int) -> tuple[torch.Tensor, float]:
     if mode not in AGGREGATIONS:
         raise ValueError(f"unknown loss aggregation {mode!r}; choose one of {', '.join(AGGREGATIONS)}")
-    weights, norm = AGGREGATIONS[mode](mult.float(), seq_share.float(), num_traj)
-    return weights / max(reduce(norm) if reduce else norm, 1.0)
+    return AGGREGATIONS[mode](mult.float(), seq_share.float(), num_traj)
+
+
+def loss_normaliser(mode: str, mult: torch.Tensor, seq_share: torch.Tensor, num_traj: int) -> float:
+    """What the loss of these tokens divides by under `mode` (their token or trajectory count)."""
+    return _aggregate(mode, mult, seq_share, num_traj)[1]
+
+
+def token_coefficients(mode: str, mult: torch.Tensor, seq_share: torch.Tensor, num_traj: int,
+                       reduce: Callable[[float], float] | None = None, norm: float | None = None) -> torch.Tensor:
+    """Per-token loss coefficients; `reduce` turns this batch's normaliser into the global batch's, and
+    `norm`, where given, replaces both (a micro-batch divides by its whole mini-batch's normaliser)."""
+    weights, own = _aggregate(mode, mult, seq_share, num_traj)
+    if norm is None:
+        norm = reduce(own) if reduce else own
+    return weights / max(norm, 1.0)
 
 
 def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:

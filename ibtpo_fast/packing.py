@@ -53,6 +53,13 @@ class TrainBatch:
         return int(self.input_ids.numel())
 
     @property
+    def row_widths(self) -> np.ndarray:
+        """Each row's width up to its last loss token (what `select` cuts a set of rows to)."""
+        width = np.zeros(self.num_rows, np.int64)
+        np.maximum.at(width, self.rows.numpy(), self.cols.numpy() + 1)
+        return width
+
+    @property
     def targets(self) -> torch.Tensor:
         return self.input_ids[self.rows, self.cols]
 
@@ -109,10 +116,11 @@ def flatten(forest: Forest, advantage: np.ndarray, leaves: np.ndarray, pad_id: i
     ))
 
 
-def _rows_for_trees(tree_len: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-    """First-fit decreasing: several small trees share a row as wide as the widest tree, so rows
-    carry little padding. Returns each tree's row and column offset, and the number of rows."""
-    width = int(tree_len.max())
+def _rows_for_trees(tree_len: np.ndarray, row_width: int = 0) -> tuple[np.ndarray, np.ndarray, int]:
+    """First-fit decreasing: several small trees share a row as wide as the widest tree (or `row_width`,
+    where wider), so rows carry little padding. Returns each tree's row and column offset, and the
+    number of rows."""
+    width = max(int(tree_len.max()), row_width)
     row_of, offset = np.zeros(len(tree_len), np.int64), np.zeros(len(tree_len), np.int64)
     fill: list[int] = []
     for t in np.argsort(-tree_len, kind="stable"):
@@ -166,15 +174,15 @@ def _seq_share(parent, num_children, leaf_len):
 
 
 def pack_trees(forest: Forest, advantage: np.ndarray, leaves: np.ndarray, pad_id: int,
-               prefix_weighting: str = "none", num_rows: int | None = None) -> TrainBatch:
-    """Rows as wide as the widest tree (`num_rows=None`: what a mask wants, its size being quadratic
-    in the width), or `num_rows` rows sharing the trees evenly, with next to no padding (for gather
-    attention, whose cost does not grow with the width)."""
+               prefix_weighting: str = "none", num_rows: int | None = None, row_width: int = 0) -> TrainBatch:
+    """Rows as wide as the widest tree or `row_width` (`num_rows=None`: a mask's size is quadratic in
+    the width; micro-batches want rows within their token budget), or `num_rows` rows sharing the trees
+    evenly, with next to no padding (for gather attention, whose cost does not grow with the width)."""
     parent, tree, n_tok = forest.parent, forest.tree, forest.num_tokens
     T = forest.num_trees
     col0, pos0, tree_len = _tree_layout(parent, tree, forest.token_start, forest.token_end, T)
     if num_rows is None:
-        row_of, offset, R = _rows_for_trees(tree_len)
+        row_of, offset, R = _rows_for_trees(tree_len, row_width)
     else:
         row_of, offset, R = _balanced_rows(tree_len, min(num_rows, T))
     width = int((offset + tree_len).max())

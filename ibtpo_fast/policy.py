@@ -5,6 +5,8 @@ The decoder runs once over the batch; the LM head is applied only at loss positi
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ibtpo_fast.attention_impl import attention_implementation, head_dim
@@ -56,17 +58,19 @@ def _decode(base: torch.nn.Module, batch: TrainBatch, device: torch.device, dtyp
     """Final hidden states [R, W, hidden] of the decoder over `batch`."""
     ids, pos = batch.input_ids.to(device), batch.position_ids.to(device)
     if batch.tree is None:
-        return base(input_ids=ids, attention_mask=batch.attention_mask.to(device), position_ids=pos).last_hidden_state
+        return base(input_ids=ids, attention_mask=batch.attention_mask.to(device), position_ids=pos,
+                    use_cache=False).last_hidden_state
     backend = resolve_tree_attention(base, tree_attention)
     if backend == "mask":
         mask = batch.tree.dense(dtype).to(device)
-        return base(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
+        return base(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
     if backend == "flex":  # whatever attention the model was loaded with: one set of weights
         with attention_implementation(base.config, "flex_attention"):
-            return base(input_ids=ids, attention_mask=batch.tree.block_mask(device), position_ids=pos).last_hidden_state
+            return base(input_ids=ids, attention_mask=batch.tree.block_mask(device), position_ids=pos,
+                        use_cache=False).last_hidden_state
     chains = batch.tree.chains().to(device)
     with attention_implementation(base.config, GATHER_ATTENTION):
-        hidden = base(input_ids=ids, position_ids=pos, tree_chains=chains).last_hidden_state
+        hidden = base(input_ids=ids, position_ids=pos, tree_chains=chains, use_cache=False).last_hidden_state
     if chains.calls == 0:  # the layers never asked transformers' attention interface: nothing was masked
         raise ValueError(f"{type(base).__name__} does not route attention through transformers' attention "
                          "interface; set train.tree_attention=mask or train.layout=flat")
@@ -100,6 +104,22 @@ def as_logprob_module(model: torch.nn.Module) -> torch.nn.Module:
     """`model` if it already computes token log-probs (a TokenLogprobs, sharded or wrapped), else a TokenLogprobs of it."""
     inner = getattr(model, "module", model)  # DistributedDataParallel keeps the module it wraps here
     return model if isinstance(inner, TokenLogprobs) else TokenLogprobs(model)
+
+
+def checkpoint_activations(lm: torch.nn.Module) -> None:
+    """Recompute each decoder layer's activations in the backward instead of keeping them; decoding runs in
+    eval mode and is unaffected. The recompute runs outside the forward's attention switch (tree attention
+    is chosen for the forward's length only), so each layer recomputes under the attention it ran with."""
+    if not getattr(lm, "supports_gradient_checkpointing", False):
+        raise ValueError(f"{type(lm).__name__} does not support activation checkpointing; "
+                         "set train.activation_checkpointing=false")
+    config = decoder_and_head(lm)[0].config
+
+    def same_attention() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+        return contextlib.nullcontext(), attention_implementation(config, config._attn_implementation)
+
+    enable = getattr(lm, "activation_checkpointing_enable", None) or lm.gradient_checkpointing_enable
+    enable({"use_reentrant": False, "context_fn": same_attention})
 
 
 def causal_lm_of(model: torch.nn.Module) -> tuple[torch.nn.Module, str]:

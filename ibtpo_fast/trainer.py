@@ -21,7 +21,7 @@ from ibtpo_fast.engines.protocol import SamplingParams
 from ibtpo_fast.evaluation import evaluate, merge_shares
 from ibtpo_fast.loading import Task, build_engine, check_engine, load_policy, load_task, model_dir, resolve_device, stop_token_ids
 from ibtpo_fast.packing import TrainBatch, flatten, pack_trees
-from ibtpo_fast.policy import TokenLogprobs, resolve_tree_attention, supports_tree_packing
+from ibtpo_fast.policy import TokenLogprobs, checkpoint_activations, resolve_tree_attention, supports_tree_packing
 from ibtpo_fast.runlog import RunLogger, SilentLogger, plot_metrics, read_metrics
 from ibtpo_fast.sampler import IBTreeSampler, Rollout, SamplerConfig, TreeSpec
 from ibtpo_fast.update import SKIPPED, UpdateSettings, ppo_update
@@ -74,6 +74,8 @@ class Trainer:
         self.rollout_weights = RolloutWeights(self.model) if sharded and cfg.rollout.engine == "torch" else None
         ref = self._frozen_copy() if cfg.algo.kl_coef > 0 else None
         self.ref_model = wrap(TokenLogprobs(ref), "fsdp", self.world, cfg.train.param_dtype) if sharded and ref else ref
+        if cfg.train.activation_checkpointing:
+            checkpoint_activations(self.model)
         self.policy = wrap(TokenLogprobs(self.model), self.parallel, self.world, cfg.train.param_dtype)
         self.task = task_of(cfg)
         self.scorer = self.task.scorer(cfg.rollout.reward_timeout_s)
@@ -110,7 +112,7 @@ class Trainer:
             temperature=self.cfg.rollout.temperature, tree_attention=self.tree_attention, loss_agg=a.loss_agg,
             clip_low=a.clip_low, clip_high=a.clip_high, kl_coef=a.kl_coef, entropy_coef=a.entropy_coef,
             ppo_epochs=t.ppo_epochs, mini_batches=t.mini_batches, grad_clip=t.grad_clip,
-            deterministic=self.device.type == "cpu",
+            deterministic=self.device.type == "cpu", max_tokens_per_micro_batch=t.max_tokens_per_micro_batch,
         )
 
     # ---- checkpoints -------------------------------------------------------------------------
@@ -238,9 +240,12 @@ class Trainer:
 
     def pack(self, forest, w: WalkResult) -> TrainBatch:
         pad = self.tokenizer.pad_token_id or 0
-        if self.layout == "tree":  # masks grow with the row width squared: gather alone takes one row per mini-batch
-            rows = self.cfg.train.mini_batches if self.tree_attention == "gather" else None
-            return pack_trees(forest, w.advantage, w.leaves, pad, self.cfg.algo.prefix_weighting, rows)
+        t = self.cfg.train
+        if self.layout == "tree":  # masks grow with the row width squared: gather alone takes wide rows
+            gather, budget = self.tree_attention == "gather", t.max_tokens_per_micro_batch
+            rows = t.mini_batches if gather and not budget else None  # one row per mini-batch
+            return pack_trees(forest, w.advantage, w.leaves, pad, self.cfg.algo.prefix_weighting, rows,
+                              row_width=budget if gather else 0)
         return flatten(forest, w.advantage, w.leaves, pad, self.cfg.algo.prefix_weighting)
 
     def update(self, batch: TrainBatch) -> dict[str, float]:

@@ -10,6 +10,12 @@ each rank passes its own trees: the loss divides by the global batch's token or 
 is scaled by the world size because the wrappers average gradients, so the update is the one a
 single process makes on the whole batch. A mini-batch is skipped on every rank when it is
 non-finite on any.
+
+With `max_tokens_per_micro_batch` a mini-batch runs as micro-batches of rows whose padded size
+(rows x widest row) stays within the budget, each one forward and backward, the gradients
+accumulated before the one optimizer step: every micro-batch divides by its whole mini-batch's
+normaliser, so the update is the unsplit one. Ranks agree on the number of micro-batches (a rank with
+fewer rows runs zero-weight ones), so all run the same collectives.
 """
 from __future__ import annotations
 
@@ -21,7 +27,7 @@ import numpy as np
 import torch
 
 from ibtpo_fast.distributed import SINGLE, World, whole
-from ibtpo_fast.losses import ppo_clip_loss, token_coefficients
+from ibtpo_fast.losses import loss_normaliser, ppo_clip_loss, token_coefficients
 from ibtpo_fast.packing import TrainBatch
 from ibtpo_fast.policy import as_logprob_module
 
@@ -41,6 +47,7 @@ class UpdateSettings:
     mini_batches: int = 1
     grad_clip: float = 1.0  # max gradient norm; 0: no clipping
     deterministic: bool = False  # torch's deterministic algorithms for the update (bitwise-reproducible on CPU)
+    max_tokens_per_micro_batch: int = 0  # padded tokens a forward and backward may hold; 0: a whole mini-batch
 
 
 @contextmanager
@@ -77,8 +84,7 @@ def ppo_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: 
             np.random.shuffle(order)
             for rows in np.array_split(order, min(settings.mini_batches, batch.num_rows)):
                 mb_ref = None if ref_logp is None else ref_logp[torch.isin(batch.rows, torch.as_tensor(rows))]
-                loss, s = minibatch_loss(policy, batch.select(rows), settings, mb_ref, world)
-                s["actor/grad_norm"] = _step(policy, optimizer, loss, settings.grad_clip, world)
+                s = _minibatch_step(policy, optimizer, batch.select(rows), settings, mb_ref, world)
                 for k, v in s.items():
                     stats.setdefault(k, []).append(v)
     out = {k: _nanmean(v) for k, v in stats.items()}
@@ -87,17 +93,84 @@ def ppo_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: 
 
 
 def minibatch_loss(model: torch.nn.Module, mb: TrainBatch, settings: UpdateSettings,
-                   ref_logp: torch.Tensor | None = None, world: World = SINGLE) -> tuple[torch.Tensor, dict[str, float]]:
+                   ref_logp: torch.Tensor | None = None, world: World = SINGLE,
+                   norm: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """The aggregated PPO-clip loss of one mini-batch and its statistics; with several ranks, this rank's
-    share of the global mini-batch's loss, scaled for the wrappers' gradient averaging."""
+    share of the global mini-batch's loss, scaled for the wrappers' gradient averaging. `norm`: the global
+    normaliser to divide by, where `mb` is a micro-batch of a larger mini-batch."""
     logp, entropy = as_logprob_module(model)(mb, settings.temperature, settings.tree_attention)
     dev = logp.device
-    coef = token_coefficients(settings.loss_agg, mb.mult, mb.seq_share, mb.num_traj, world.sum if world.size > 1 else None)
-    coef = coef.to(dev) * mb.prefix_w.to(dev)
+    coef = _coefficients(mb, settings, world, norm).to(dev)
     loss, stats = ppo_clip_loss(logp, mb.old_logp.to(dev), mb.advantages.to(dev), coef, clip_low=settings.clip_low,
                                 clip_high=settings.clip_high, ref_logp=None if ref_logp is None else ref_logp.to(dev),
                                 kl_coef=settings.kl_coef, entropy=entropy, entropy_coef=settings.entropy_coef)
     return loss * world.size, stats
+
+
+def _coefficients(mb: TrainBatch, settings: UpdateSettings, world: World, norm: float | None) -> torch.Tensor:
+    reduce = world.sum if world.size > 1 else None
+    return token_coefficients(settings.loss_agg, mb.mult, mb.seq_share, mb.num_traj, reduce, norm) * mb.prefix_w
+
+
+def micro_batches(mb: TrainBatch, max_tokens: int) -> list[np.ndarray]:
+    """Groups of `mb`'s rows, widest first, each within `max_tokens` padded tokens (rows x its widest row);
+    a row wider than the budget alone, since a row (a trajectory, or whole trees) is never cut."""
+    width = mb.row_widths
+    groups: list[list[int]] = []
+    for r in np.argsort(-width, kind="stable"):
+        if groups and (len(groups[-1]) + 1) * width[groups[-1][0]] <= max_tokens:
+            groups[-1].append(int(r))
+        else:
+            groups.append([int(r)])
+    return [np.array(g) for g in groups]
+
+
+def _minibatch_step(policy: torch.nn.Module, optimizer: torch.optim.Optimizer, mb: TrainBatch,
+                    settings: UpdateSettings, ref_logp: torch.Tensor | None, world: World) -> dict[str, float]:
+    """One optimizer step on mini-batch `mb`: its loss statistics and `actor/grad_norm` (NaN: skipped)."""
+    optimizer.zero_grad(set_to_none=True)
+    if not settings.max_tokens_per_micro_batch:
+        loss, stats = minibatch_loss(policy, mb, settings, ref_logp, world)
+        finite = _backward(loss, world)
+    else:
+        stats, finite = _accumulate(policy, mb, settings, ref_logp, world)
+    stats["actor/grad_norm"] = _step(policy, optimizer, finite, settings.grad_clip)
+    return stats
+
+
+def _accumulate(policy: torch.nn.Module, mb: TrainBatch, settings: UpdateSettings, ref_logp: torch.Tensor | None,
+                world: World) -> tuple[dict[str, float], bool]:
+    """Forward and backward of each micro-batch of `mb`, gradients accumulating; the statistics weighted as
+    the unsplit mini-batch's, and whether every loss was finite on every rank."""
+    norm = world.sum(loss_normaliser(settings.loss_agg, mb.mult, mb.seq_share, mb.num_traj))
+    groups: list[np.ndarray | None] = list(micro_batches(mb, settings.max_tokens_per_micro_batch))
+    groups += [None] * (int(world.max(len(groups))) - len(groups))  # None: a zero-weight pass, for the collectives
+    parts: list[tuple[dict[str, float], float]] = []
+    for rows in groups:
+        chosen = rows if rows is not None else np.arange(1)
+        sub = mb.select(chosen)
+        sub_ref = None if ref_logp is None else ref_logp[torch.isin(mb.rows, torch.as_tensor(chosen))]
+        loss, s = minibatch_loss(policy, sub, settings, sub_ref, world, norm)
+        if rows is None:
+            loss = loss * 0.0
+        if not _backward(loss, world):
+            return {}, False
+        if rows is not None:
+            parts.append((s, float(_coefficients(sub, settings, world, 1.0).sum())))
+    return _combine(parts), True
+
+
+def _combine(parts: list[tuple[dict[str, float], float]]) -> dict[str, float]:
+    """Micro-batch statistics as the whole mini-batch's: means weighted by loss weight, maxima maxed."""
+    total = sum(w for _, w in parts)
+    out = {}
+    for key in parts[0][0]:
+        values = [s[key] for s, _ in parts]
+        if key == "actor/ratio_max":
+            out[key] = max(values)
+        else:
+            out[key] = sum(v * w for v, (_, w) in zip(values, parts)) / total if total > 0 else 0.0
+    return out
 
 
 @torch.no_grad()
@@ -106,17 +179,20 @@ def reference_logprobs(ref_model: torch.nn.Module, batch: TrainBatch, settings: 
     return logp.float().cpu()
 
 
-def _step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor, grad_clip: float,
-          world: World = SINGLE) -> float:
-    """Backward and optimizer step; the gradient norm, or NaN when a non-finite loss or gradient skipped it
-    (on every rank alike: the loss's finiteness is agreed before backward, the norm is global)."""
-    optimizer.zero_grad(set_to_none=True)
-    if world.all_true(bool(torch.isfinite(loss))):
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
-        norm = whole(norm)  # FSDP2: a replicated DTensor
-    else:
-        norm = torch.tensor(float("nan"))
+def _backward(loss: torch.Tensor, world: World) -> bool:
+    """Backward of `loss` when it is finite on every rank (agreed first, so that all ranks skip together)."""
+    if not world.all_true(bool(torch.isfinite(loss))):
+        return False
+    loss.backward()
+    return True
+
+
+def _step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, finite: bool, grad_clip: float) -> float:
+    """Clip and apply the accumulated gradients; their global norm, or NaN when a non-finite loss or gradient
+    skipped the step (on every rank alike: `finite` is agreed, the norm is global)."""
+    norm = torch.tensor(float("nan"))
+    if finite:
+        norm = whole(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf")))  # FSDP2: a DTensor
     if not torch.isfinite(norm):
         optimizer.zero_grad(set_to_none=True)
         return float("nan")

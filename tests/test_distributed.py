@@ -55,11 +55,7 @@ def updates(tmp_path_factory):
     return one, two
 
 
-@pytest.mark.parametrize("parallel", ["fsdp", "ddp"])
-@pytest.mark.parametrize("layout", ["tree", "flat"])
-def test_two_ranks_make_the_single_process_update(updates, parallel, layout):
-    one, two = updates
-    want, got = torch.load(one / f"none-{layout}.pt"), torch.load(two / f"{parallel}-{layout}.pt")
+def assert_same_update(want, got):
     assert got["loss"] == pytest.approx(want["loss"], rel=1e-5, abs=1e-7)
     assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5)
     assert want["grad_norm"] > 0
@@ -69,6 +65,27 @@ def test_two_ranks_make_the_single_process_update(updates, parallel, layout):
         assert (got["grads"][name] - g).abs().max() <= 1e-5 * scale + 1e-9, name
     for name, w in want["weights"].items():
         torch.testing.assert_close(got["weights"][name], w, rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("parallel", ["fsdp", "ddp"])
+@pytest.mark.parametrize("layout", ["tree", "flat"])
+@pytest.mark.parametrize("variant", ["", "micro-", "micro-ckpt-"])
+def test_two_ranks_make_the_single_process_update(updates, parallel, layout, variant):
+    """Also with micro-batches (the ranks running different numbers of them) and activation checkpointing."""
+    one, two = updates
+    got = torch.load(two / f"{parallel}-{variant}{layout}.pt")
+    assert_same_update(torch.load(one / f"none-{layout}.pt"), got)
+    if variant:
+        assert len(set(got["micro_batches"])) == 2, got["micro_batches"]  # one rank ran zero-weight passes
+
+
+@pytest.mark.parametrize("layout", ["tree", "flat"])
+@pytest.mark.parametrize("variant", ["micro-", "micro-ckpt-"])
+def test_micro_batches_and_checkpointing_make_the_unsplit_update(updates, layout, variant):
+    one, _ = updates
+    got = torch.load(one / f"none-{variant}{layout}.pt")
+    assert_same_update(torch.load(one / f"none-{layout}.pt"), got)
+    assert got["micro_batches"][0] >= 3
 
 
 def test_fsdp_mixed_precision_computes_in_bf16_and_stays_close(updates):
