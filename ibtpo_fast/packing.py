@@ -174,17 +174,23 @@ def _seq_share(parent, num_children, leaf_len):
 
 
 def pack_trees(forest: Forest, advantage: np.ndarray, leaves: np.ndarray, pad_id: int,
-               prefix_weighting: str = "none", num_rows: int | None = None, row_width: int = 0) -> TrainBatch:
+               prefix_weighting: str = "none", num_rows: int | None = None, row_width: int = 0,
+               min_rows: int = 1) -> TrainBatch:
     """Rows as wide as the widest tree or `row_width` (`num_rows=None`: a mask's size is quadratic in
     the width; micro-batches want rows within their token budget), or `num_rows` rows sharing the trees
-    evenly, with next to no padding (for gather attention, whose cost does not grow with the width)."""
+    evenly, with next to no padding (for gather attention, whose cost does not grow with the width).
+    At least `min_rows` rows, one for each mini-batch: where first-fit leaves fewer, the trees share
+    `min_rows` rows evenly."""
     parent, tree, n_tok = forest.parent, forest.tree, forest.num_tokens
     T = forest.num_trees
+    if max(num_rows or 0, min_rows) > T:
+        raise ValueError(f"{T} trees cannot fill {max(num_rows or 0, min_rows)} rows: a row holds whole trees")
     col0, pos0, tree_len = _tree_layout(parent, tree, forest.token_start, forest.token_end, T)
     if num_rows is None:
         row_of, offset, R = _rows_for_trees(tree_len, row_width)
-    else:
-        row_of, offset, R = _balanced_rows(tree_len, min(num_rows, T))
+        num_rows = min_rows if R < min_rows else None
+    if num_rows is not None:
+        row_of, offset, R = _balanced_rows(tree_len, num_rows)
     width = int((offset + tree_len).max())
     node_of = np.repeat(np.arange(len(forest)), n_tok)  # flat token -> node
     within = np.arange(len(node_of)) - forest.token_start[node_of]  # index within its node

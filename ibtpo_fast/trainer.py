@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ibtpo_fast.checkpoint import find_latest, load_checkpoint, save_checkpoint, set_rng_state
-from ibtpo_fast.config import Config, ConfigError, dump_yaml, to_dict
+from ibtpo_fast.config import Config, ConfigError, TrainConfig, dump_yaml, to_dict
 from ibtpo_fast.data import PromptRow, PromptStream, encode_prompt
 from ibtpo_fast.distributed import RolloutWeights, init_world, resolve_parallel, whole, wrap
 from ibtpo_fast.engines.protocol import SamplingParams
@@ -52,6 +52,19 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def pack_batch(forest, w: WalkResult, pad: int, layout: str, tree_attention: str, train: TrainConfig,
+               prefix_weighting: str = "none") -> TrainBatch:
+    """A rank's training batch as the run's layout packs it, with at least a row for each mini-batch, so that
+    every rank takes `train.mini_batches` optimizer steps."""
+    if layout == "flat":  # a row per trajectory: at least as many as trees
+        return flatten(forest, w.advantage, w.leaves, pad, prefix_weighting)
+    # masks grow with the row width squared: gather alone takes wide rows
+    gather, budget = tree_attention == "gather", train.max_tokens_per_micro_batch
+    rows = train.mini_batches if gather and not budget else None  # one row per mini-batch
+    return pack_trees(forest, w.advantage, w.leaves, pad, prefix_weighting, rows, row_width=budget if gather else 0,
+                      min_rows=train.mini_batches)
 
 
 class Trainer:
@@ -239,14 +252,8 @@ class Trainer:
         return self.world.reduce_metrics(m, weight=float(batch.mult.sum()))
 
     def pack(self, forest, w: WalkResult) -> TrainBatch:
-        pad = self.tokenizer.pad_token_id or 0
-        t = self.cfg.train
-        if self.layout == "tree":  # masks grow with the row width squared: gather alone takes wide rows
-            gather, budget = self.tree_attention == "gather", t.max_tokens_per_micro_batch
-            rows = t.mini_batches if gather and not budget else None  # one row per mini-batch
-            return pack_trees(forest, w.advantage, w.leaves, pad, self.cfg.algo.prefix_weighting, rows,
-                              row_width=budget if gather else 0)
-        return flatten(forest, w.advantage, w.leaves, pad, self.cfg.algo.prefix_weighting)
+        return pack_batch(forest, w, self.tokenizer.pad_token_id or 0, self.layout, self.tree_attention,
+                          self.cfg.train, self.cfg.algo.prefix_weighting)
 
     def update(self, batch: TrainBatch) -> dict[str, float]:
         """The PPO update, the learning-rate step, and the count of steps skipped as non-finite."""

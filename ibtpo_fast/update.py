@@ -70,10 +70,14 @@ def ppo_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: 
                settings: UpdateSettings, ref_model: torch.nn.Module | None = None,
                world: World = SINGLE) -> dict[str, float]:
     """`settings.ppo_epochs` passes over `batch` in `settings.mini_batches` shuffled mini-batches (numpy's
-    global RNG), one optimizer step each. Returns the loss statistics averaged over mini-batches and
-    `train/skipped_minibatches`. Every rank of `world` must hold at least `mini_batches` rows."""
+    global RNG), one optimizer step each: the same number on every rank of `world`, each of which must hold
+    at least `mini_batches` rows. Returns the loss statistics averaged over mini-batches and
+    `train/skipped_minibatches`."""
     if settings.kl_coef > 0 and ref_model is None:
         raise ValueError("kl_coef > 0 needs a reference model")
+    if batch.num_rows < settings.mini_batches:  # fewer steps here than on other ranks would stall them all
+        raise ValueError(f"{batch.num_rows} rows cannot fill {settings.mini_batches} mini-batches: pack at least as "
+                         "many rows (pack_trees(min_rows=...)) or use fewer train.mini_batches")
     policy = as_logprob_module(model)
     with deterministic_algorithms(settings.deterministic):
         ref_logp = reference_logprobs(ref_model, batch, settings) if settings.kl_coef > 0 else None
@@ -82,7 +86,7 @@ def ppo_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: 
         order = np.arange(batch.num_rows)
         for _ in range(settings.ppo_epochs):
             np.random.shuffle(order)
-            for rows in np.array_split(order, min(settings.mini_batches, batch.num_rows)):
+            for rows in np.array_split(order, settings.mini_batches):
                 mb_ref = None if ref_logp is None else ref_logp[torch.isin(batch.rows, torch.as_tensor(rows))]
                 s = _minibatch_step(policy, optimizer, batch.select(rows), settings, mb_ref, world)
                 for k, v in s.items():

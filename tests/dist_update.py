@@ -23,13 +23,13 @@ TREES = 4
 BUDGET = 450  # tokens: at 2 ranks the ranks split into different numbers of micro-batches
 
 
-def global_forest(model, tok, task):
-    """The same 4 trees on every rank: one engine each, the same seeds."""
+def global_forest(model, tok, task, trees=TREES):
+    """The same trees on every rank: one engine each, the same seeds."""
     sampler = IBTreeSampler(TorchEngine(model, tokenizer=tok), tok, lambda rows, res: task.scorer(1.0)(
         [r.data_source for r in rows], tok.batch_decode([x.tolist() for x in res], skip_special_tokens=True),
         [r.ground_truth for r in rows]), SamplerConfig(tree="2,3,1,1", max_new_tokens=64,
                                                        stop_token_ids=stop_token_ids(model, tok), seed=3))
-    rows = task.train[:TREES]
+    rows = task.train[:trees]
     return sampler.sample([tok.encode(r.prompt, add_special_tokens=False) for r in rows], rows).forest
 
 
