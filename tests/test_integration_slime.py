@@ -145,8 +145,22 @@ def make_args(**overrides):
         rollout_top_k=-1, rollout_max_response_len=40, rollout_stop=None, rollout_stop_token_ids=None,
         rollout_skip_special_tokens=True, rollout_seed=42, group_rm=False, use_opd=False, reward_key=None,
         ibtpo_tree="2,3,1,2", ibtpo_beta=5.0, ibtpo_lam=0.1, ibtpo_step_delimiter=STEP_DELIMITER,
+        dynamic_sampling_filter_path=None, over_sampling_batch_size=2, partial_rollout=False,
+        custom_generate_function_path=None, rollout_sample_hook_path=[], rollout_sample_filter_path=None,
+        rollout_all_samples_process_path=None, sglang_server_concurrency=512, rollout_num_engines=1,
     )
     return types.SimpleNamespace(**{**args, **overrides})
+
+
+def get_rollout_num_engines(args):
+    """slime.utils.http_utils.get_rollout_num_engines."""
+    if (num_engines := getattr(args, "rollout_num_engines", None)) is not None:
+        return int(num_engines)
+    rollout_num_gpus = getattr(args, "rollout_num_gpus", None) or 0
+    rollout_num_gpus_per_engine = getattr(args, "rollout_num_gpus_per_engine", None) or 1
+    if rollout_num_gpus <= 0:
+        return 0
+    return max(1, rollout_num_gpus // rollout_num_gpus_per_engine)
 
 
 def install_fake_slime(mp: pytest.MonkeyPatch, post, loop, rm_calls, sglang_rollout=None):
@@ -157,7 +171,7 @@ def install_fake_slime(mp: pytest.MonkeyPatch, post, loop, rm_calls, sglang_roll
     modules = {
         "slime": {}, "slime.utils": {}, "slime.rollout": {},
         "slime.utils.types": {"Sample": Sample},
-        "slime.utils.http_utils": {"post": post},
+        "slime.utils.http_utils": {"post": post, "get_rollout_num_engines": get_rollout_num_engines},
         "slime.utils.async_utils": {"get_async_loop": lambda: types.SimpleNamespace(loop=loop)},
         "slime.rollout.base_types": {"RolloutFnTrainOutput": RolloutFnTrainOutput},
         "slime.rollout.rm_hub": {"async_rm": async_rm},
@@ -310,9 +324,19 @@ def test_a_tree_that_does_not_grow_n_samples_per_prompt_fails_clearly(loop, monk
     assert source.calls == 0 and calls == []
 
 
-@pytest.mark.parametrize("option, match", [({"group_rm": True}, "--group-rm"), ({"use_opd": True}, "--use-opd"),
-                                           ({"reward_key": "score"}, "--reward-key"), ({"rollout_top_p": 0.9}, "--rollout-top-p 1.0"),
-                                           ({"rollout_max_response_len": None}, "--rollout-max-response-len")])
+@pytest.mark.parametrize("option, match", [
+    ({"group_rm": True}, "--group-rm"), ({"use_opd": True}, "--use-opd"), ({"reward_key": "score"}, "--reward-key"),
+    ({"rollout_top_p": 0.9}, "--rollout-top-p 1.0"), ({"rollout_max_response_len": None}, "--rollout-max-response-len"),
+    ({"dynamic_sampling_filter_path": "slime.rollout.filter_hub.dynamic_sampling_filters.check_reward_nonzero_std"},
+     "--dynamic-sampling-filter-path"),
+    ({"over_sampling_batch_size": 4}, "--over-sampling-batch-size 4"),
+    ({"partial_rollout": True}, "--partial-rollout"),
+    ({"router_policy": "consistent_hashing"}, "--router-policy consistent_hashing"),
+    ({"custom_generate_function_path": "my.generate"}, "--custom-generate-function-path"),
+    ({"rollout_sample_hook_path": ["my.hook"]}, "--rollout-sample-hook-path"),
+    ({"rollout_sample_filter_path": "my.filter"}, "--rollout-sample-filter-path"),
+    ({"rollout_all_samples_process_path": "my.process"}, "--rollout-all-samples-process-path"),
+])
 def test_slime_options_the_tree_cannot_honour_are_refused(option, match):
     with pytest.raises(ValueError, match=match):
         slime_adapter.generate_rollout(make_args(**option), 0, DataSource([], 6))
@@ -332,6 +356,22 @@ def test_the_router_engine_meets_the_engine_contract(loop):
     assert engine.in_flight == 0
     with pytest.raises(RuntimeError, match="slime's train loop"):
         engine.update_weights()
+
+
+def test_the_router_engine_keeps_slimes_concurrency_limit(loop, monkeypatch):
+    live, peak = [0], [0]
+
+    async def post(url, payload, max_retries=60, headers=None):
+        live[0] += 1
+        peak[0] = max(peak[0], live[0])
+        await asyncio.sleep(0.01)
+        live[0] -= 1
+        return {"text": "", "meta_info": {"output_token_logprobs": [[-0.5, 7, None]], "finish_reason": {"type": "stop"}}}
+
+    install_fake_slime(monkeypatch, post, loop, [])
+    engine = slime_adapter.SlimeRouterEngine.from_args(make_args(sglang_server_concurrency=2, rollout_num_engines=2))
+    assert len(engine.generate([Request([1], 1)] * 9)) == 9
+    assert peak[0] == 4  # --sglang-server-concurrency per engine, as slime's own rollout allows
 
 
 def test_evaluation_is_slimes_own_rollout(loop, monkeypatch):

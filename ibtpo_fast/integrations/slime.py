@@ -62,25 +62,31 @@ def _slime(module: str, what: str) -> ModuleType:
 
 class SlimeRouterEngine(LoopClientEngine):
     """The engine contract on slime's SGLang router: each request is one POST to its /generate, run on
-    slime's own background loop, where its HTTP client lives."""
+    slime's own background loop, where its HTTP client lives; at most `concurrency` are in flight."""
 
     owner = "slime's train loop manages the SGLang servers behind its router"
 
-    def __init__(self, url: str, post: Post, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, url: str, post: Post, loop: asyncio.AbstractEventLoop, concurrency: int | None = None) -> None:
         super().__init__(loop)
         self.url, self._post = url, post
+        self._slots = asyncio.Semaphore(concurrency) if concurrency else None
 
     @classmethod
     def from_args(cls, args: Namespace) -> SlimeRouterEngine:
-        """The router slime started, through slime's `post` on slime's background loop."""
-        post = _slime("slime.utils.http_utils", "SlimeRouterEngine").post
+        """The router slime started, through slime's `post` on slime's background loop, with slime's own
+        rollout's limit: --sglang-server-concurrency requests per engine behind the router."""
+        http = _slime("slime.utils.http_utils", "SlimeRouterEngine")
         loop = _slime("slime.utils.async_utils", "SlimeRouterEngine").get_async_loop().loop
-        return cls(f"http://{args.sglang_router_ip}:{args.sglang_router_port}/generate", post, loop)
+        concurrency = args.sglang_server_concurrency * max(1, http.get_rollout_num_engines(args))
+        return cls(f"http://{args.sglang_router_ip}:{args.sglang_router_port}/generate", http.post, loop, concurrency)
 
     async def _complete(self, request: Request, handle: int) -> Completion:
         payload = {"input_ids": [int(t) for t in request.prefix_ids], "sampling_params": sampling_params(request),
                    "return_logprob": True}
-        return to_completion(await self._post(self.url, payload), handle)
+        if self._slots is None:
+            return to_completion(await self._post(self.url, payload), handle)
+        async with self._slots:
+            return to_completion(await self._post(self.url, payload), handle)
 
 
 def tree_spec(args: Namespace) -> TreeSpec:
@@ -99,14 +105,28 @@ def _option(args: Namespace, name: str) -> Any:
 
 def _check_args(args: Namespace) -> None:
     """slime options this rollout cannot honour, refused before any generation."""
+    own_loop = "slime's own rollout function runs it, and this one replaces that function"
     refused = {
         "group_rm": "the tree rewards each round's new leaves before it branches, never a whole group at once",
         "use_opd": f"on-policy distillation reads {ADVANTAGE_FIELD}, where this rollout puts the advantages",
         "reward_key": "the tree walks one float reward per leaf: have the reward model return it",
+        "dynamic_sampling_filter_path": f"every tree is kept, as grown, so nothing is filtered or re-sampled ({own_loop})",
+        "partial_rollout": "a tree is grown to the end within one rollout, never recycled part-grown",
+        "custom_generate_function_path": "the tree sampler sends each branch to the router itself",
+        "rollout_sample_hook_path": own_loop,
+        "rollout_sample_filter_path": own_loop,
+        "rollout_all_samples_process_path": own_loop,
     }
     for name, why in refused.items():
         if getattr(args, name):
             raise ValueError(f"ibtpo_fast.integrations.slime does not support --{name.replace('_', '-')}: {why}")
+    if args.over_sampling_batch_size not in (None, args.rollout_batch_size):
+        raise ValueError(f"ibtpo_fast.integrations.slime does not support --over-sampling-batch-size "
+                         f"{args.over_sampling_batch_size} (over --rollout-batch-size {args.rollout_batch_size}): it grows "
+                         f"one tree per prompt of the batch, with no filter to over-sample for")
+    if getattr(args, "router_policy", None) == "consistent_hashing":
+        raise ValueError("ibtpo_fast.integrations.slime does not support --router-policy consistent_hashing: it routes "
+                         "by Sample.session_id, which tree requests do not carry")
     if args.rollout_top_p != 1.0:
         raise ValueError("ibtpo_fast.integrations.slime needs --rollout-top-p 1.0: slime then expects SGLang's "
                          "per-token top-p replay, which tree rollouts do not carry")
