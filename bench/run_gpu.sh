@@ -25,6 +25,11 @@ for attn in sdpa flex_attention; do  # end to end: a few IB-TPO steps of the bun
   timeout 120 python3 -m ibtpo_fast.train train.steps=3 data.val_size=16 run.progress=off run.resume=never \
     model.attn_implementation=$attn run.out_dir="/tmp/run-$attn" 2>&1 | tail -5 | tee "$out/train-$attn.log"
 done
+# mixed precision (fp32 master weights, bf16 compute) with micro-batches and activation checkpointing, on one GPU
+timeout 300 python3 -m torch.distributed.run --nproc-per-node 1 --standalone -m ibtpo_fast.train train.steps=3 \
+  data.val_size=16 run.progress=off run.resume=never model.dtype=bfloat16 train.mini_batches=2 \
+  train.max_tokens_per_micro_batch=512 train.activation_checkpointing=true run.out_dir=/tmp/run-bf16 2>&1 | tail -5 \
+  | tee "$out/train-bf16.log"
 if python3 -c "import sglang" 2>/dev/null; then  # end to end with SGLang driving the rollouts
   timeout 300 python3 -m ibtpo_fast.train train.steps=3 data.val_size=16 run.progress=off run.resume=never \
     rollout.engine=sglang rollout.sglang.mem_fraction_static=0.2 "rollout.sglang.engine_args={skip_tokenizer_init: true}" \

@@ -104,7 +104,7 @@ class TrainConfig:
     layout: str = "auto"  # tree (tree-packed) | flat (one row per trajectory) | auto: tree where supported
     tree_attention: str = "auto"  # gather | mask | flex | auto: flex for flex_attention models, else gather
     parallel: str = "auto"  # under torchrun: fsdp | ddp | none | auto: fsdp on more than one rank
-    param_dtype: str = ""  # fsdp mixed precision: compute in this dtype (bfloat16), reduce gradients in fp32
+    param_dtype: str = ""  # fsdp: compute in this dtype, reduce gradients in fp32; empty: model.dtype
     max_tokens_per_micro_batch: int = 0  # padded tokens per forward and backward, gradients accumulated; 0: no split
     activation_checkpointing: bool = False  # recompute each decoder layer's activations in the backward
 
@@ -322,6 +322,19 @@ def validate(cfg: Config) -> None:
     _check_world(cfg, int(os.environ.get("WORLD_SIZE", "1")), "WORLD_SIZE" in os.environ)
 
 
+    _check_precision(cfg, "WORLD_SIZE" in os.environ)
+
+
+def _check_precision(cfg: Config, torchrun: bool) -> None:
+    """Low-precision training keeps fp32 master weights and optimizer state, which FSDP2 holds (computing in
+    model.dtype): pure bf16 weights would round away most updates at a small learning rate."""
+    if cfg.model.dtype == "float32" or (torchrun and cfg.train.parallel in ("auto", "fsdp")):
+        return
+    how = "launch under torchrun (one GPU: torchrun --nproc-per-node 1 -m ibtpo_fast.train ...)" if not torchrun \
+        else f"use train.parallel=fsdp (not {cfg.train.parallel})"
+    raise ConfigError(f"model.dtype: {cfg.model.dtype} training needs fp32 master weights, or AdamW's small updates "
+                      f"round away in {cfg.model.dtype}; {how}, where FSDP keeps them and computes in "
+                      f"{cfg.model.dtype}, or train in model.dtype=float32")
 def _check_world(cfg: Config, world: int, torchrun: bool) -> None:
     """Each rank of a torchrun world owns whole trees: the global batch must divide, into shares that
     fill every mini-batch."""

@@ -129,11 +129,20 @@ def whole(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def resolve_parallel(choice: str, world: World) -> str:
-    """The sharding a run uses: `auto` is FSDP2 on several ranks and none on one."""
+def resolve_parallel(choice: str, world: World, master_weights: bool = False) -> str:
+    """The sharding a run uses: `auto` is FSDP2 on several ranks, and on one under torchrun where low-precision
+    weights need fp32 master copies (`master_weights`); none otherwise."""
     if choice == "auto":
-        return "fsdp" if world.size > 1 else "none"
+        return "fsdp" if world.size > 1 or (master_weights and dist.is_initialized()) else "none"
     return choice
+
+
+def frozen_copy(lm: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """A copy of `lm` in eval mode, its parameters detached in `dtype` (default theirs); made without a
+    whole-precision copy first, and keeping tied parameters tied."""
+    memo = {id(p): torch.nn.Parameter(p.detach().to(dtype or p.dtype, copy=True), requires_grad=False)
+            for p in lm.parameters()}
+    return copy.deepcopy(lm, memo).eval()
 
 
 def decoder_layers(lm: torch.nn.Module) -> list[torch.nn.Module]:
@@ -172,13 +181,12 @@ def wrap(policy: torch.nn.Module, mode: str, world: World, param_dtype: str = ""
 
 class RolloutWeights:
     """Whole weights for the colocated engine of a sharded policy: the engine decodes on its own schedule,
-    which no collective could follow, so it needs a plain replica. `gather()` all-gathers every parameter
+    which no collective could follow, so it needs a plain replica (in `dtype`, the engine's, where the
+    policy keeps fp32 master weights). `gather()` all-gathers every parameter
     into the replica before a rollout; `free()` releases them for the update."""
 
-    def __init__(self, lm: torch.nn.Module) -> None:
-        self.model = copy.deepcopy(lm).eval()  # made before sharding: whole, plain tensors
-        for p in self.model.parameters():
-            p.requires_grad_(False)
+    def __init__(self, lm: torch.nn.Module, dtype: torch.dtype | None = None) -> None:
+        self.model = frozen_copy(lm, dtype)  # made before sharding: whole, plain tensors, in the engine's dtype
         self.bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
 
     @torch.no_grad()

@@ -1,7 +1,6 @@
 """The IB-TPO training loop: sample trees -> reward -> walk -> pack -> PPO-clip update -> sync, then evaluate and save."""
 from __future__ import annotations
 
-import copy
 import math
 import random
 import time
@@ -16,7 +15,7 @@ import torch
 from ibtpo_fast.checkpoint import find_latest, load_checkpoint, save_checkpoint, set_rng_state
 from ibtpo_fast.config import Config, ConfigError, TrainConfig, dump_yaml, to_dict
 from ibtpo_fast.data import PromptRow, PromptStream, encode_prompt
-from ibtpo_fast.distributed import RolloutWeights, init_world, resolve_parallel, whole, wrap
+from ibtpo_fast.distributed import RolloutWeights, frozen_copy, init_world, resolve_parallel, whole, wrap
 from ibtpo_fast.engines.protocol import SamplingParams
 from ibtpo_fast.evaluation import evaluate, merge_shares
 from ibtpo_fast.loading import Task, build_engine, check_engine, load_policy, load_task, model_dir, resolve_device, stop_token_ids
@@ -76,20 +75,25 @@ class Trainer:
         self.world = init_world()
         seed_everything(cfg.train.seed)
         self.device = self._device()
-        self.model, self.tokenizer = load_policy(cfg.model.path, self.device, cfg.model.dtype,
+        # Low-precision training keeps fp32 master weights (FSDP computes in model.dtype); engines get model.dtype.
+        self.engine_dtype = getattr(torch, cfg.model.dtype)
+        master = self.engine_dtype != torch.float32
+        self.model, self.tokenizer = load_policy(cfg.model.path, self.device, "float32" if master else cfg.model.dtype,
                                                  cfg.model.attn_implementation, cfg.model.trust_remote_code,
                                                  task=cfg.data.task)
         self.layout, self.tree_attention = self._resolve_layout()  # reads the whole model: before sharding
-        self.parallel = resolve_parallel(cfg.train.parallel, self.world)
+        self.parallel = resolve_parallel(cfg.train.parallel, self.world, master_weights=master)
         sharded = self.parallel == "fsdp"
+        compute = cfg.train.param_dtype or (cfg.model.dtype if master else "")
         # TorchEngine on a sharded policy generates from a whole replica, gathered before each rollout and freed
         # for the update (SGLang holds its own copy).
-        self.rollout_weights = RolloutWeights(self.model) if sharded and cfg.rollout.engine == "torch" else None
-        ref = self._frozen_copy() if cfg.algo.kl_coef > 0 else None
-        self.ref_model = wrap(TokenLogprobs(ref), "fsdp", self.world, cfg.train.param_dtype) if sharded and ref else ref
+        self.rollout_weights = RolloutWeights(self.model, self.engine_dtype) \
+            if sharded and cfg.rollout.engine == "torch" else None
+        ref = frozen_copy(self.model, self.engine_dtype) if cfg.algo.kl_coef > 0 else None
+        self.ref_model = wrap(TokenLogprobs(ref), "fsdp", self.world, compute) if sharded and ref else ref
         if cfg.train.activation_checkpointing:
             checkpoint_activations(self.model)
-        self.policy = wrap(TokenLogprobs(self.model), self.parallel, self.world, cfg.train.param_dtype)
+        self.policy = wrap(TokenLogprobs(self.model), self.parallel, self.world, compute)
         self.task = task_of(cfg)
         self.scorer = self.task.scorer(cfg.rollout.reward_timeout_s)
         self.train_prompts = self._encode(self.task.train)
@@ -153,12 +157,6 @@ class Trainer:
         device = resolve_device(self.cfg.model.device)
         return torch.device("cuda", self.world.local_rank) if device.type == "cuda" and self.world.size > 1 else device
 
-    def _frozen_copy(self) -> torch.nn.Module:
-        ref = copy.deepcopy(self.model).eval()
-        for p in ref.parameters():
-            p.requires_grad_(False)
-        return ref
-
     def _encode(self, rows: list[PromptRow]) -> list[list[int]]:
         return [encode_prompt(r, self.tokenizer, self.cfg.data.max_prompt_tokens) for r in rows]
 
@@ -210,9 +208,9 @@ class Trainer:
         self.engine.update_weights()
 
     def _whole_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(name, whole tensor) of each parameter, gathered when sharded as the engine asks for them."""
+        """(name, whole tensor) of each parameter in the engine's dtype, gathered when sharded as the engine asks."""
         for name, p in self.model.named_parameters():
-            yield name, whole(p).detach()
+            yield name, whole(p).detach().to(self.engine_dtype)
 
     def step(self) -> dict[str, float]:
         """One training step on this rank's share of the global batch. Its `timing/*` parts (rollout, reward,
