@@ -9,14 +9,22 @@ distinct index), and slime/ray/rollout.py _convert_samples_to_train_data + tenso
 the hook of --custom-advantage-function-path, called as fn(args, rollout_data) in
 slime/backends/megatron_utils/loss.py compute_advantages_and_returns). The router answers /generate
 by generating with a real TorchEngine on the bundled tiny model, so tokens and log-probs are real.
+The stand-ins' fields, defaults and signatures, the options the adapter reads and how slime calls
+the advantage hook are checked against slime_api.json, read from that commit's source
+(`python -m ibtpo_fast.integrations.slime_api`).
 """
+import ast
 import asyncio
 import copy
+import dataclasses
+import inspect
+import json
 import sys
 import threading
 import types
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -147,7 +155,8 @@ def make_args(**overrides):
         ibtpo_tree="2,3,1,2", ibtpo_beta=5.0, ibtpo_lam=0.1, ibtpo_step_delimiter=STEP_DELIMITER,
         dynamic_sampling_filter_path=None, over_sampling_batch_size=2, partial_rollout=False,
         custom_generate_function_path=None, rollout_sample_hook_path=[], rollout_sample_filter_path=None,
-        rollout_all_samples_process_path=None, sglang_server_concurrency=512, rollout_num_engines=1,
+        rollout_all_samples_process_path=None, sglang_server_concurrency=512, rollout_num_gpus=1,
+        rollout_num_gpus_per_engine=1,
     )
     return types.SimpleNamespace(**{**args, **overrides})
 
@@ -369,7 +378,8 @@ def test_the_router_engine_keeps_slimes_concurrency_limit(loop, monkeypatch):
         return {"text": "", "meta_info": {"output_token_logprobs": [[-0.5, 7, None]], "finish_reason": {"type": "stop"}}}
 
     install_fake_slime(monkeypatch, post, loop, [])
-    engine = slime_adapter.SlimeRouterEngine.from_args(make_args(sglang_server_concurrency=2, rollout_num_engines=2))
+    engine = slime_adapter.SlimeRouterEngine.from_args(make_args(sglang_server_concurrency=2, rollout_num_gpus=4,
+                                                                      rollout_num_gpus_per_engine=2))
     assert len(engine.generate([Request([1], 1)] * 9)) == 9
     assert peak[0] == 4  # --sglang-server-concurrency per engine, as slime's own rollout allows
 
@@ -392,3 +402,79 @@ def test_slime_only_paths_say_how_to_get_slime(monkeypatch):
         slime_adapter.SlimeRouterEngine.from_args(make_args())
     with pytest.raises(MissingExtraError, match="not on PyPI"):
         slime_adapter.generate_rollout(make_args(), 0, None, evaluation=True)
+
+
+# ---- the stand-ins against slime's source (ibtpo_fast/integrations/slime_api.json) ---------
+API = json.loads(Path(slime_adapter.__file__).with_name("slime_api.json").read_text())
+
+
+def _default_source(f: dataclasses.Field) -> str | None:
+    """A stand-in field's default as slime's source spells it."""
+    if f.default_factory is not dataclasses.MISSING:
+        return f"field(default_factory={f.default_factory.__name__})"
+    if f.default is dataclasses.MISSING:
+        return None
+    return f"Status.{f.default.name}" if isinstance(f.default, Enum) else repr(f.default)
+
+
+def _stand_in_fields(cls) -> dict[str, str | None]:
+    return {f.name: _default_source(f) for f in dataclasses.fields(cls)}
+
+
+def _params(fn) -> list[str]:
+    ps = inspect.signature(fn).parameters.values()
+    return [p.name for p in ps if p.name != "self" and p.kind != p.VAR_KEYWORD] + (
+        ["**"] if any(p.kind == p.VAR_KEYWORD for p in ps) else [])
+
+
+def test_the_api_file_is_read_from_the_pinned_commit():
+    assert API["commit"] == slime_adapter.SLIME_COMMIT
+
+
+def test_the_sample_stand_in_has_slimes_fields_defaults_and_statuses():
+    assert list(_stand_in_fields(Sample).items()) == list(API["sample"]["fields"].items())
+    assert {s.name: s.value for s in Sample.Status} == API["sample"]["status"]
+    assert _stand_in_fields(Sample.SpecInfo) == API["sample"]["nested"]["SpecInfo"]
+    assert _stand_in_fields(Sample.PrefixCacheInfo) == API["sample"]["nested"]["PrefixCacheInfo"]
+    assert _stand_in_fields(RolloutFnTrainOutput) == API["rollout_fn_train_output"]
+
+
+def test_the_stand_in_functions_and_the_hooks_have_slimes_signatures(loop, monkeypatch):
+    install_fake_slime(monkeypatch, Router.post, loop, [])
+    stand_ins = {
+        "slime/utils/http_utils.py:post": Router.post,
+        "slime/utils/http_utils.py:get_rollout_num_engines": sys.modules["slime.utils.http_utils"].get_rollout_num_engines,
+        "slime/utils/async_utils.py:get_async_loop": sys.modules["slime.utils.async_utils"].get_async_loop,
+        "slime/rollout/rm_hub/__init__.py:async_rm": sys.modules["slime.rollout.rm_hub"].async_rm,
+        "slime/rollout/data_source.py:RolloutDataSource.get_samples": DataSource.get_samples,
+        "slime/rollout/sglang_rollout.py:generate_rollout": slime_adapter.generate_rollout,  # the hook replaces it
+    }
+    assert stand_ins.keys() == API["functions"].keys()
+    for name, fn in stand_ins.items():
+        assert _params(fn) == API["functions"][name]["params"], name
+        assert inspect.iscoroutinefunction(fn) == API["functions"][name]["async"], name
+    assert _params(slime_adapter.compute_advantages) == API["advantage_hook_call"]  # called as fn(args, rollout_data)
+    assert slime_adapter.ADVANTAGE_FIELD in API["train_data_fields"]  # it reaches the trainer, and so the hook
+
+
+def _args_read(source: str) -> set[str]:
+    """Every `args` attribute the adapter reads: args.x, getattr(args, "x"...) and _option(args, "x")."""
+    out = set()
+    for n in ast.walk(ast.parse(source)):
+        if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == "args":
+            out.add(n.attr)
+        elif (isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id in ("getattr", "_option")
+              and isinstance(n.args[0], ast.Name) and n.args[0].id == "args" and isinstance(n.args[1], ast.Constant)):
+            out.add(n.args[1].value)
+    return out
+
+
+def test_every_option_the_adapter_reads_is_one_slime_defines():
+    """slime's own options, sglang-router's (prefixed router_), or the ibtpo_* keys of --custom-config-path."""
+    options = set(API["options"]["dests"])
+    assert API["options"]["router_prefix"]
+    read = _args_read(Path(slime_adapter.__file__).read_text()) | set(slime_adapter.REFUSED)
+    assert {"n_samples_per_prompt", "partial_rollout", "sglang_server_concurrency", "router_policy"} <= read
+    unknown = {a for a in read - options if not a.startswith("router_") and a not in slime_adapter.DEFAULTS}
+    assert not unknown
+    assert not {a for a in vars(make_args()) if a not in options and a not in slime_adapter.DEFAULTS}

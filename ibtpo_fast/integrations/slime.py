@@ -49,6 +49,20 @@ SLIME_COMMIT = "624b824a898ab0ec1fcb4d373004c7f3852bf515"  # the slime whose hoo
 _INSTALL_HINT = (f"needs slime, which is not on PyPI: clone https://github.com/THUDM/slime (written against commit "
                  f"{SLIME_COMMIT[:10]}) and `pip install -e .` in it, or use slime's Docker image")
 
+_OWN_LOOP = "slime's own rollout function runs it, and this one replaces that function"
+# slime options this rollout refuses when set, and why
+REFUSED = {
+    "group_rm": "the tree rewards each round's new leaves before it branches, never a whole group at once",
+    "use_opd": f"on-policy distillation reads {ADVANTAGE_FIELD}, where this rollout puts the advantages",
+    "reward_key": "the tree walks one float reward per leaf: have the reward model return it",
+    "dynamic_sampling_filter_path": f"every tree is kept, as grown, so nothing is filtered or re-sampled ({_OWN_LOOP})",
+    "partial_rollout": "a tree is grown to the end within one rollout, never recycled part-grown",
+    "custom_generate_function_path": "the tree sampler sends each branch to the router itself",
+    "rollout_sample_hook_path": _OWN_LOOP,
+    "rollout_sample_filter_path": _OWN_LOOP,
+    "rollout_all_samples_process_path": _OWN_LOOP,
+}
+
 # slime's http_utils.post: (url, payload) -> the server's JSON answer
 Post = Callable[[str, dict[str, Any]], Awaitable[Mapping[str, Any]]]
 
@@ -105,19 +119,7 @@ def _option(args: Namespace, name: str) -> Any:
 
 def _check_args(args: Namespace) -> None:
     """slime options this rollout cannot honour, refused before any generation."""
-    own_loop = "slime's own rollout function runs it, and this one replaces that function"
-    refused = {
-        "group_rm": "the tree rewards each round's new leaves before it branches, never a whole group at once",
-        "use_opd": f"on-policy distillation reads {ADVANTAGE_FIELD}, where this rollout puts the advantages",
-        "reward_key": "the tree walks one float reward per leaf: have the reward model return it",
-        "dynamic_sampling_filter_path": f"every tree is kept, as grown, so nothing is filtered or re-sampled ({own_loop})",
-        "partial_rollout": "a tree is grown to the end within one rollout, never recycled part-grown",
-        "custom_generate_function_path": "the tree sampler sends each branch to the router itself",
-        "rollout_sample_hook_path": own_loop,
-        "rollout_sample_filter_path": own_loop,
-        "rollout_all_samples_process_path": own_loop,
-    }
-    for name, why in refused.items():
+    for name, why in REFUSED.items():
         if getattr(args, name):
             raise ValueError(f"ibtpo_fast.integrations.slime does not support --{name.replace('_', '-')}: {why}")
     if args.over_sampling_batch_size not in (None, args.rollout_batch_size):
