@@ -389,11 +389,14 @@ def test_finish_reasons():
 
 
 def test_generation_stops_at_the_model_context():
+    """Prefix and completion fit the context together (SGLang's rule): 2 new tokens after CONTEXT - 2."""
     model = tiny_model()
     request = Request(prompt(1, CONTEXT - 2), 10, SamplingParams(seed=0))
     (out,) = TorchEngine(model).generate([request])
-    assert out.finish_reason == "length" and len(out.token_ids) == 3
+    assert out.finish_reason == "length" and len(out.token_ids) == 2
     assert_matches_reference(model, [request], [out])
+    with pytest.raises(ValueError, match="request 0: prefix of 128 tokens leaves no room"):
+        TorchEngine(model).generate([Request(prompt(1, CONTEXT), 1)])
 
 
 def test_bad_input():

@@ -80,6 +80,15 @@ class Engine(Protocol):
     def resume_memory(self) -> None: ...  # after it: take the memory back (then send the new weights)
 
 
+def context_limit(prefix_len: int, max_new_tokens: int, context: int, index: int = 0) -> int:
+    """The new tokens request `index` may generate in a `context`-token window: prefix and completion fit it
+    together, the rule SGLang enforces, so every engine accepts the same requests and stops at the same
+    length. A prefix that leaves no room for one token is refused."""
+    if prefix_len >= context:
+        raise ValueError(f"request {index}: prefix of {prefix_len} tokens leaves no room in the model's context of {context}")
+    return min(max_new_tokens, context - prefix_len)
+
+
 def generate_by_polling(engine: Engine, requests: Sequence[Request]) -> list[Completion]:
     """`generate` on top of `submit` and `poll`: every completion, in request order. Other requests must
     not be in flight, since their completions would have nowhere to go."""

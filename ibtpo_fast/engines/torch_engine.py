@@ -29,7 +29,7 @@ from ibtpo_fast.attention_impl import attention_implementation, head_dim
 from ibtpo_fast.engines.batch_kv import BatchKV
 from ibtpo_fast.engines.decode_attention import DECODE_ATTENTION
 from ibtpo_fast.engines.decode_forward import DecodeForward, decode_forward_for
-from ibtpo_fast.engines.protocol import Completion, Request, generate_by_polling
+from ibtpo_fast.engines.protocol import Completion, Request, context_limit, generate_by_polling
 from ibtpo_fast.engines.radix_cache import PrefixMatch, RadixCache, common_prefix_length
 from ibtpo_fast.engines.token_sampler import TokenSampler
 
@@ -250,11 +250,7 @@ class TorchEngine:
 
     def _validate(self, requests: Sequence[Request]) -> None:
         for i, request in enumerate(requests):
-            n = len(request.prefix_ids)
-            if n > self.max_positions:
-                raise ValueError(
-                    f"request {i}: prefix of {n} tokens exceeds the model's context of {self.max_positions}"
-                )
+            context_limit(len(request.prefix_ids), request.max_new_tokens, self.max_positions, i)
             if min(request.prefix_ids) < 0 or max(request.prefix_ids) >= self.vocab:
                 raise ValueError(f"request {i}: prefix token ids must be in [0, {self.vocab})")
             if request.stop_strings and self.tokenizer is None:
@@ -352,7 +348,7 @@ class TorchEngine:
         seed = request.sampling.seed
         if seed is None:
             seed = int(torch.randint(0, 2**62, ()))  # follows torch.manual_seed
-        limit = min(request.max_new_tokens, self.max_positions - len(ids) + 1)
+        limit = context_limit(len(ids), request.max_new_tokens, self.max_positions)
         stop_ids = frozenset(int(t) for t in request.stop_token_ids)
         return _Row(request, handle, ids, cached, random.Random(seed), limit, stop_ids)
 
