@@ -49,6 +49,8 @@ class SGLangConfig:
     mem_fraction_static: float = 0.4  # GPU memory for SGLang's weights and KV cache; training has the rest
     weight_bucket_mb: int = 512  # new weights reach the engine in buckets of at most this size
     engine_args: str = ""  # further sglang.Engine arguments as YAML, e.g. "{attention_backend: fa3}"
+    # enable_deterministic_inference: SGLang reads each request's seed only with it (false: faster, not seed-reproducible)
+    deterministic: bool = True
 
 
 @dataclass

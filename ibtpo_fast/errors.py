@@ -1,4 +1,5 @@
-"""Errors in what a user gave us (config, data files, a reward function, the installed packages).
+"""Errors in what a user gave us (config, data files, a reward function, the installed packages), and
+refusals of the external engine a run drives.
 
 The command-line entry points end on these with one line naming what was wrong and exit code 2;
 `IBTPO_DEBUG=1` re-raises them with the traceback. Each is also the built-in error it refines, so
@@ -34,6 +35,10 @@ class CheckpointError(UserError, OSError):
 
 class MissingExtraError(UserError, ImportError):
     """An optional package that the chosen option needs; the message says what to install."""
+
+
+class EngineError(UserError, RuntimeError):
+    """An external rollout engine (SGLang) refused a call; the message names the call and its answer."""
 
 
 @contextmanager

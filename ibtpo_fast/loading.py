@@ -144,5 +144,6 @@ def build_engine(name: str, model: torch.nn.Module, tokenizer: Any, *, model_pat
 
     args = {"mem_fraction_static": sglang.mem_fraction_static, "enable_memory_saver": True, "dtype": dtype,
             "random_seed": seed, "base_gpu_id": local_rank, "port": 30000 + 100 * local_rank,
+            "enable_deterministic_inference": sglang.deterministic,
             **yaml.safe_load(sglang.engine_args or "{}")}
     return SGLangEngine(str(model_path), weight_bucket_bytes=sglang.weight_bucket_mb << 20, **args)

@@ -20,8 +20,10 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
     pytest.mark.skipif(importlib.util.find_spec("sglang") is None, reason="needs the sglang extra"),
 ]
-# The bundled model in fp32; SGLang reads token ids, never text.
-ENGINE_ARGS = dict(mem_fraction_static=0.2, dtype="float32", random_seed=0, skip_tokenizer_init=True)
+# The bundled model in fp32 (on the triton attention backend SGLangEngine picks for it), seeds honoured; SGLang
+# reads token ids, never text.
+ENGINE_ARGS = dict(mem_fraction_static=0.2, dtype="float32", random_seed=0, skip_tokenizer_init=True,
+                   enable_deterministic_inference=True)
 LOGPROB_TOL = 2e-3  # fp32 on both sides; another attention kernel rounds differently
 
 
@@ -46,6 +48,20 @@ def test_sglang_logprobs_are_the_models_on_its_own_tokens():
     assert all(1 <= len(c.token_ids) <= 48 and c.finish_reason in ("stop", "length") for c in completions)
     assert sum(c.finish_reason == "stop" for c in completions) >= 12  # the model ends its answers
     assert max_logprob_gap(model, requests, completions) < LOGPROB_TOL
+
+
+def test_a_seeded_request_samples_the_same_tokens_in_any_batch():
+    """With deterministic inference a request's seed decides its tokens, whatever else runs beside it."""
+    requests = [Request(p, 32, SamplingParams(seed=100 + i)) for i, p in enumerate(prompts(8))]
+    engine = SGLangEngine(str(tiny_model_path()), **ENGINE_ARGS)
+    try:
+        together = engine.generate(requests)
+        engine.flush_cache()
+        alone = [engine.generate([r])[0] for r in requests[::-1]][::-1]
+    finally:
+        engine.shutdown()
+    for a, b in zip(together, alone):
+        np.testing.assert_array_equal(a.token_ids, b.token_ids)
 
 
 def test_training_steps_sync_the_weights_sglang_samples_with(tmp_path):
