@@ -53,15 +53,22 @@ check device logged device device
 check gpu-tests logged gpu_tests python3 -m pytest -q -m gpu -rs tests/
 check sglang-fidelity logged sglang_fidelity python3 -m pytest -q -rs tests/test_sglang_rollouts.py -k regenerates
 check gpu-bench logged gpu_bench python3 -m pytest -q -m gpu bench/ --benchmark-only --benchmark-json="$out/gpu_bench.json"
-train() {  # train NAME ARGS...: a few IB-TPO steps of the bundled model, the log's tail kept
-  local name=$1
+train() {  # train NAME [--torchrun] ARGS...: a few IB-TPO steps of the bundled model, the log's tail kept
+  local name=$1 launch=()
   shift
-  timeout 300 python3 -m ibtpo_fast.train train.steps=3 data.val_size=16 run.progress=off run.resume=never \
-    run.out_dir="/tmp/run-$name" "$@" 2>&1 | tail -5 | tee "$out/train-$name.log"
+  if [ "${1:-}" = --torchrun ]; then
+    launch=(-m torch.distributed.run --nproc-per-node 1 --standalone)
+    shift
+  fi
+  timeout 300 python3 "${launch[@]}" -m ibtpo_fast.train train.steps=3 data.val_size=16 run.progress=off \
+    run.resume=never run.out_dir="/tmp/run-$name" "$@" 2>&1 | tail -5 | tee "$out/train-$name.log"
 }
 for attn in sdpa flex_attention; do  # each tree attention default
   check "train-$attn" train "$attn" model.attn_implementation=$attn
 done
+# mixed precision (fp32 master weights, bf16 compute) with micro-batches and activation checkpointing, on one GPU
+check train-bf16 train bf16 --torchrun model.dtype=bfloat16 train.mini_batches=2 train.max_tokens_per_micro_batch=512 \
+  train.activation_checkpointing=true
 check train-sglang train sglang rollout.engine=sglang rollout.sglang.mem_fraction_static=0.2 \
   "rollout.sglang.engine_args={skip_tokenizer_init: true}"
 if [ -f "$out/gpu_bench.json" ]; then

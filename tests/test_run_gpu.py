@@ -30,12 +30,14 @@ def test_every_check_passing_exits_zero(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "every check passed" in result.stdout
     assert (tmp_path / "out" / "gpu_tests.log").read_text().startswith("stub: -m pytest -q -m gpu")
+    assert (tmp_path / "out" / "train-sdpa.log").read_text().startswith("stub: -m ibtpo_fast.train train.steps=3")
 
 
 @pytest.mark.parametrize(("fail_on", "named"), [
     ("-m gpu -rs tests/", "gpu-tests"),  # its output goes through tee
     ("rollout.engine=sglang", "train-sglang"),  # through tail and tee
     ("attn_implementation=flex_attention", "train-flex_attention"),
+    ("torch.distributed.run .*model.dtype=bfloat16", "train-bf16"),
     ("--benchmark-only", "gpu-bench"),
     ("-k regenerates", "sglang-fidelity"),
     ("cuda.is_available", "cuda-torch"),
