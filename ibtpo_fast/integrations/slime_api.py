@@ -96,11 +96,14 @@ def _train_data_fields(tree: ast.Module) -> list[str]:
 
 
 def _options(trees: list[ast.Module]) -> dict[str, Any]:
-    """The `args` attributes slime's parser defines (argparse dests of literal `add_argument("--...")` calls), and
-    whether sglang-router's options join with their `router_` prefix."""
+    """The `args` attributes slime's parser defines (argparse dests of literal `add_argument("--...")` calls, and
+    the Megatron options it redefines with `reset_arg(parser, "--...")`), and whether sglang-router's options
+    join with their `router_` prefix."""
     dests, router_prefix = set(), False
     for tree in trees:
         for n in ast.walk(tree):
+            if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "reset_arg":
+                dests.add(n.args[1].value[2:].replace("-", "_"))
             if not (isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)):
                 continue
             keywords = {k.arg: k.value for k in n.keywords}
