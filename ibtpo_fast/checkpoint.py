@@ -9,18 +9,28 @@ on any rank, leaves only a temporary directory that `find_latest` never returns,
 fails (no space left, no permission) removes what it wrote and raises CheckpointError, the previous
 checkpoint and `latest` untouched. The trainer state holds only tensors and plain Python values, so
 it loads with `torch.load(weights_only=True)`, which cannot run code.
+
+Every checkpoint lists its files' sizes and SHA-256 digests in `manifest.json` (the ranks hash a
+share of the files each); `verify_checkpoint` checks them, so that a file cut short or damaged after
+the write is named before anything loads it. A run holds a lock on its run directory
+(`lock_run_dir`) for its whole life, so a second run there refuses to start.
 """
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import json
 import os
 import pickle
 import random
 import shutil
+import socket
+import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -37,13 +47,15 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from ibtpo_fast.distributed import SINGLE, World
-from ibtpo_fast.errors import CheckpointError
+from ibtpo_fast.errors import CheckpointError, ConfigError
 from ibtpo_fast.policy import causal_lm_of
 
 PREFIX = "global_step_"
 SHARDS = "dcp"  # the sharded model and optimizer state
 STATE_FILE = "trainer_state.pt"  # written last: its presence marks a complete checkpoint
 REQUIRED = ("config.json", "model.safetensors", f"{SHARDS}/.metadata", STATE_FILE)
+MANIFEST = "manifest.json"  # {file: {"size", "sha256"}} of every other file
+LOCK = ".lock"  # in the run directory: who runs there
 # What a failed write raises: OSError from Python and torch, SafetensorError from the model's weights,
 # CheckpointException from the sharded writers of any rank.
 _WRITE_ERRORS = (OSError, SafetensorError, CheckpointException)
@@ -103,6 +115,11 @@ def save_checkpoint(
         rngs = world.gather(rng_state())
         if world.is_main:
             _write(tmp, model, full, tokenizer, {**state, "global_step": step, "rng": rngs}, config_yaml)
+        world.barrier()
+        manifest = _manifest(tmp, world)
+        if world.is_main:
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+            _fsync_dir(tmp)
             _publish(tmp, final)
     except _WRITE_ERRORS as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -152,6 +169,71 @@ def _sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | No
     return {"model": model_sd, "optim": optim_sd}
 
 
+def _files(path: Path) -> list[str]:
+    return sorted(str(f.relative_to(path)) for f in path.rglob("*") if f.is_file() and f.name != MANIFEST)
+
+
+def _digest(file: Path) -> str:
+    with open(file, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _manifest(path: Path, world: World) -> dict[str, dict[str, Any]]:
+    """Size and digest of every file in `path`, each rank hashing every size-th file; the whole on every rank."""
+    files = world.gather(_files(path) if world.is_main else None)[0]
+    mine = {f: {"size": (path / f).stat().st_size, "sha256": _digest(path / f)} for f in files[world.rank::world.size]}
+    return {f: entry for part in world.gather(mine) for f, entry in part.items()}
+
+
+def verify_checkpoint(path: Path, world: World = SINGLE, shards: bool = True) -> None:
+    """Check checkpoint `path`'s files against its manifest (split over the ranks; `shards=False` skips the
+    sharded training state, which an evaluation never reads); raise CheckpointError naming the first bad
+    file. A directory without a manifest (a plain Hugging Face checkpoint) has nothing to check."""
+    if not (path / MANIFEST).is_file():
+        return
+    try:
+        want = json.loads((path / MANIFEST).read_text())
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {path} is corrupt: {MANIFEST} is not JSON ({e})") from None
+    files = [f for f in sorted(want) if shards or not f.startswith(f"{SHARDS}/")]
+    problems = [_problem(path, f, want[f]) for f in files[world.rank::world.size]]
+    found = sorted(p for part in world.gather([p for p in problems if p]) for p in part)
+    if found:
+        raise CheckpointError(f"checkpoint {path} is corrupt: {found[0]}")
+
+
+def _problem(path: Path, name: str, want: dict[str, Any]) -> str:
+    file = path / name
+    if not file.is_file():
+        return f"{name} is missing"
+    size = file.stat().st_size
+    if size != want["size"]:
+        return f"{name} has {size} bytes, its manifest says {want['size']}"
+    if _digest(file) != want["sha256"]:
+        return f"{name} does not match its manifest's SHA-256"
+    return ""
+
+
+def lock_run_dir(run_dir: Path) -> IO[str]:
+    """Hold an exclusive lock on `run_dir` while the returned file stays open (the process's end releases it);
+    if another run holds it, raise ConfigError naming that run."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    f = open(run_dir / LOCK, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise ConfigError(f"run.name: the run directory {run_dir} is in use by {holder}; wait for that run to end "
+                          "or choose another run.name") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    return f
+
+
 def _write(tmp: Path, model: torch.nn.Module, full: dict[str, torch.Tensor], tokenizer: Any, state: dict[str, Any],
            config_yaml: str) -> None:
     lm, prefix = causal_lm_of(model)
@@ -190,6 +272,12 @@ def _step_of(path: Path) -> int:
         return int(path.name[len(PREFIX):])
     except ValueError:
         return -1
+
+
+def checkpoints_newest_first(ckpt_root: Path) -> list[Path]:
+    """Complete checkpoints to resume from, in the order to try them: `latest`, then the others, newest first."""
+    latest = find_latest(ckpt_root)
+    return [latest] + [p for p in reversed(list_checkpoints(ckpt_root)) if p != latest] if latest else []
 
 
 def list_checkpoints(ckpt_root: Path) -> list[Path]:

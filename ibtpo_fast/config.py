@@ -109,6 +109,7 @@ class TrainConfig:
     param_dtype: str = ""  # fsdp: compute in this dtype, reduce gradients in fp32; empty: model.dtype
     max_tokens_per_micro_batch: int = 0  # padded tokens per forward and backward, gradients accumulated; 0: no split
     activation_checkpointing: bool = False  # recompute each decoder layer's activations in the backward
+    dist_timeout_s: float = 1800.0  # under torchrun: a collective that waits longer ends the run with an error
 
 
 @dataclass
@@ -116,6 +117,7 @@ class RunConfig:
     name: str = "ibtpo-arithmetic"
     out_dir: str = "runs"
     resume: str = "auto"  # auto | never
+    on_corrupt: str = "fallback"  # a corrupt checkpoint at resume: fallback (to the newest intact one) | refuse
     save_every: int = 10
     keep_last: int = 2
     tensorboard: bool = False
@@ -156,6 +158,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 _OWN_CHOICES = {
     "train.lr_schedule": ("constant", "cosine"),
     "run.resume": ("auto", "never"),
+    "run.on_corrupt": ("fallback", "refuse"),
 }
 
 
@@ -192,7 +195,7 @@ def _choices() -> dict[str, tuple[str, ...]]:
 
 
 _POSITIVE = {"data.batch_size", "data.max_prompt_tokens", "rollout.max_new_tokens", "rollout.temperature",
-             "rollout.top_p", "rollout.max_cache_tokens", "rollout.reward_timeout_s", "algo.beta",
+             "rollout.top_p", "rollout.max_cache_tokens", "rollout.reward_timeout_s", "algo.beta", "train.dist_timeout_s",
              "rollout.sglang.mem_fraction_static", "rollout.sglang.weight_bucket_mb",
              "train.ppo_epochs", "train.mini_batches", "train.eval_k", "train.max_bad_steps",
              "run.keep_last", "run.save_every", "data.val_size", "rollout.min_branch_room"}
@@ -322,8 +325,6 @@ def validate(cfg: Config) -> None:
     if cfg.data.task == "file" and not cfg.data.train_files:
         raise ConfigError("data.train_files: required when data.task=file")
     _check_world(cfg, int(os.environ.get("WORLD_SIZE", "1")), "WORLD_SIZE" in os.environ)
-
-
     _check_precision(cfg, "WORLD_SIZE" in os.environ)
 
 
@@ -337,6 +338,8 @@ def _check_precision(cfg: Config, torchrun: bool) -> None:
     raise ConfigError(f"model.dtype: {cfg.model.dtype} training needs fp32 master weights, or AdamW's small updates "
                       f"round away in {cfg.model.dtype}; {how}, where FSDP keeps them and computes in "
                       f"{cfg.model.dtype}, or train in model.dtype=float32")
+
+
 def _check_world(cfg: Config, world: int, torchrun: bool) -> None:
     """Each rank of a torchrun world owns whole trees: the global batch must divide, into shares that
     fill every mini-batch."""

@@ -10,6 +10,7 @@ import copy
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -102,16 +103,17 @@ def _collective_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
-def init_world() -> World:
+def init_world(timeout_s: float = 1800.0) -> World:
     """The process group torchrun describes (NCCL on CUDA, gloo on CPU; a world of one too, so that FSDP can
-    run on one GPU), or a world of one without a process group outside torchrun."""
+    run on one GPU), or a world of one without a process group outside torchrun. A collective waiting on a
+    stalled rank for `timeout_s` raises instead of hanging."""
     if "WORLD_SIZE" not in os.environ:
         return SINGLE
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(seconds=timeout_s))
     return World(dist.get_rank(), dist.get_world_size(), local_rank)
 
 

@@ -9,7 +9,9 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
+from ibtpo_fast.checkpoint import verify_checkpoint
 from ibtpo_fast.config import SGLangConfig
 from ibtpo_fast.data import encode_prompt
 from ibtpo_fast.engines.protocol import SamplingParams
@@ -62,6 +64,8 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     name = args.data if args.data in TASKS and args.data != "file" else "file"
     task = load_task(name, val_files="" if name != "file" else args.data, val_size=args.n,
                      reward_fn=args.reward_fn, reward_workers=args.reward_workers)
+    if args.model:
+        verify_checkpoint(Path(args.model), shards=False)  # a run's checkpoint: its files against its manifest
     model, tok = load_policy(args.model, resolve_device(args.device), args.dtype,
                              trust_remote_code=args.trust_remote_code, task=name)
     prompts = [encode_prompt(r, tok, args.max_prompt_tokens) for r in task.val]

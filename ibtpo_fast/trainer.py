@@ -12,11 +12,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from ibtpo_fast.checkpoint import find_latest, load_checkpoint, save_checkpoint, set_rng_state
+from ibtpo_fast.checkpoint import (
+    checkpoints_newest_first,
+    load_checkpoint,
+    lock_run_dir,
+    save_checkpoint,
+    set_rng_state,
+    verify_checkpoint,
+)
 from ibtpo_fast.config import Config, ConfigError, TrainConfig, dump_yaml, to_dict
 from ibtpo_fast.data import PromptRow, PromptStream, encode_prompt
 from ibtpo_fast.distributed import RolloutWeights, frozen_copy, init_world, resolve_parallel, whole, wrap
 from ibtpo_fast.engines.protocol import SamplingParams
+from ibtpo_fast.errors import CheckpointError
 from ibtpo_fast.evaluation import evaluate, merge_shares
 from ibtpo_fast.loading import Task, build_engine, check_engine, load_policy, load_task, model_dir, resolve_device, stop_token_ids
 from ibtpo_fast.packing import TrainBatch, flatten, pack_trees
@@ -72,7 +80,17 @@ class Trainer:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         check_engine(cfg.rollout.engine)  # a missing extra or GPU fails here, before any work
-        self.world = init_world()
+        self.world = init_world(cfg.train.dist_timeout_s)
+        self.run_dir = Path(cfg.run.out_dir) / cfg.run.name
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self._lock = lock_run_dir(self.run_dir) if self.world.is_main else None  # released when the run ends
+        try:
+            self._build(cfg)
+        except BaseException:
+            self.release()
+            raise
+
+    def _build(self, cfg: Config) -> None:
         seed_everything(cfg.train.seed)
         self.device = self._device()
         # Low-precision training keeps fp32 master weights (FSDP computes in model.dtype); engines get model.dtype.
@@ -111,15 +129,11 @@ class Trainer:
         # A grader in worker processes scores each finished round while the engine decodes on.
         self.sampler = IBTreeSampler(self.engine, self.tokenizer, self._reward,
                                      sampler_config(cfg, self.stop_ids, async_rewards=self.scorer.workers > 0))
-        self.run_dir = Path(cfg.run.out_dir) / cfg.run.name
-        self.ckpt_dir = self.run_dir / "checkpoints"
         self.global_step = 0
         self.bad_steps_in_row = 0
         self.bad_steps_total = 0
         if cfg.run.resume == "auto":
-            latest = find_latest(self.ckpt_dir)
-            if latest is not None:
-                self.resume_from(latest)
+            self._resume()
         self.sync_weights()
 
     @property
@@ -140,6 +154,23 @@ class Trainer:
         }
         return save_checkpoint(self.ckpt_dir, self.global_step, self.policy, self.tokenizer, state, dump_yaml(self.cfg),
                                self.cfg.run.keep_last, optimizer=self.optimizer, world=self.world)
+
+    def _resume(self) -> None:
+        """Continue from the newest checkpoint that matches its manifest: a corrupt one is passed over with a
+        warning (run.on_corrupt=fallback) or ends the run (refuse); none at all starts afresh."""
+        found = checkpoints_newest_first(self.ckpt_dir)
+        for path in found:
+            try:
+                verify_checkpoint(path, self.world)
+            except CheckpointError as e:
+                if self.cfg.run.on_corrupt == "refuse":
+                    raise CheckpointError(f"{e} (run.on_corrupt=fallback resumes from an earlier one)") from None
+                warnings.warn(f"{e}; trying an earlier checkpoint", RuntimeWarning, stacklevel=2)
+                continue
+            self.resume_from(path)
+            return
+        if found:
+            raise CheckpointError(f"no intact checkpoint in {self.ckpt_dir} to resume from; move it aside to start afresh")
 
     def resume_from(self, path: Path) -> None:
         """Continue from checkpoint `path`, written at this world size or another."""
@@ -275,6 +306,12 @@ class Trainer:
                 f"(train.max_bad_steps={self.cfg.train.max_bad_steps}); aborting, the last good checkpoint "
                 f"in {self.ckpt_dir} is intact")
 
+    def release(self) -> None:
+        """Give up the run directory's lock (the run's end does; so does the process's)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
     # ---- evaluation and the run --------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
         """Held-out accuracy, each rank sampling its share of the problems."""
@@ -292,6 +329,13 @@ class Trainer:
         return merge_shares(self.world.gather((local, counts)))
 
     def train(self) -> dict[str, Any]:
+        """The run to train.steps; the run directory's lock is given up at its end, also when it fails."""
+        try:
+            return self._run()
+        finally:
+            self.release()
+
+    def _run(self) -> dict[str, Any]:
         cfg, main = self.cfg, self.world.is_main
         start = self.global_step
         if main:

@@ -162,3 +162,10 @@ def test_global_batch_must_divide_over_the_ranks(monkeypatch):
 def test_fsdp_trains_on_a_single_rank_under_torchrun(tmp_path):
     finish(train(tmp_path, "train.steps=1", "train.parallel=fsdp", nproc=1, launcher=True))
     assert sorted(records(tmp_path)) == [0, 1]
+
+
+def test_a_stalled_rank_ends_the_wait_at_the_process_group_timeout():
+    done = subprocess.run(torchrun(str(HERE / "dist_timeout.py"), "3"), capture_output=True, text=True, env=env(),
+                          timeout=120)
+    waited = [float(line.split()[3]) for line in done.stdout.splitlines() if line.startswith("gave up after")]
+    assert waited and 2.5 < waited[0] < 15, done.stdout + done.stderr[-2000:]
