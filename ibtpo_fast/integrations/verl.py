@@ -4,7 +4,7 @@ servers, and the advantage estimator `ibtpo` that trains on the tree's per-token
     trainer.use_v1=False
     algorithm.adv_estimator=ibtpo algorithm.use_kl_in_reward=False
     actor_rollout_ref.rollout.n=12                      # = B0 + (L-1)*K*B of the tree below
-    actor_rollout_ref.rollout.agent.agent_loop_manager_class=ibtpo_fast.integrations.verl.IBTreeAgentLoopManager
+    +actor_rollout_ref.rollout.agent.agent_loop_manager_class=ibtpo_fast.integrations.verl.IBTreeAgentLoopManager
     +ibtpo.tree=[4,9,1,1] +ibtpo.beta=5.0 +ibtpo.lam=0.1
 
 The top-level `ibtpo` section takes `lam` and `eps` (the walk's) and any `SamplerConfig` field but the
