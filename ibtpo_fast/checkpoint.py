@@ -64,7 +64,7 @@ _WRITE_ERRORS = (OSError, SafetensorError, CheckpointException)
 def rng_state() -> dict[str, Any]:
     state = {"python": random.getstate(), "numpy": _numpy_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()  # this rank's device only: resumable on any number of GPUs
     return state
 
 
@@ -74,7 +74,18 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((n["name"], np.array(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(_device_rng(state["cuda"]))
+
+
+def _device_rng(saved: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+    """This rank's device RNG state; checkpoints written before held every visible GPU's, in a list."""
+    if isinstance(saved, torch.Tensor):
+        return saved
+    device = torch.cuda.current_device()
+    if device >= len(saved):
+        raise CheckpointError(f"the checkpoint holds the RNG states of {len(saved)} GPUs and this process runs on "
+                              f"GPU {device}; resume on at most {len(saved)} GPUs a machine, or with run.resume=never")
+    return saved[device]
 
 
 def _numpy_state() -> dict[str, Any]:
@@ -237,7 +248,11 @@ def lock_run_dir(run_dir: Path) -> IO[str]:
 def _write(tmp: Path, model: torch.nn.Module, full: dict[str, torch.Tensor], tokenizer: Any, state: dict[str, Any],
            config_yaml: str) -> None:
     lm, prefix = causal_lm_of(model)
-    lm.save_pretrained(tmp, state_dict={k[len(prefix):]: v for k, v in full.items()}, safe_serialization=True)
+    # Tied parameters once, as their owner names them: gathered shards no longer share storage, which is how
+    # save_pretrained would otherwise tell them apart, so the export is the same at any world size.
+    own = {n for n, _ in lm.named_parameters()} | {n for n, _ in lm.named_buffers()}
+    state_dict = {k[len(prefix):]: v for k, v in full.items() if k[len(prefix):] in own}
+    lm.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     (tmp / "config.yaml").write_text(config_yaml)
     torch.save(state, tmp / STATE_FILE)

@@ -87,6 +87,7 @@ class AlgoConfig:
     entropy_coef: float = 0.0
     loss_agg: str = "token-mean"  # token-mean | seq-mean-token-mean
     prefix_weighting: str = "none"  # none | sqrt
+    old_logprobs: str = "engine"  # engine: the rollout's | policy: the training forward's, before the first update
 
 
 @dataclass
@@ -159,6 +160,7 @@ _OWN_CHOICES = {
     "train.lr_schedule": ("constant", "cosine"),
     "run.resume": ("auto", "never"),
     "run.on_corrupt": ("fallback", "refuse"),
+    "algo.old_logprobs": ("engine", "policy"),
 }
 
 

@@ -31,7 +31,7 @@ from ibtpo_fast.packing import TrainBatch, flatten, pack_trees
 from ibtpo_fast.policy import TokenLogprobs, checkpoint_activations, resolve_tree_attention, supports_tree_packing
 from ibtpo_fast.runlog import RunLogger, SilentLogger, plot_metrics, read_metrics
 from ibtpo_fast.sampler import IBTreeSampler, Rollout, SamplerConfig, TreeSpec
-from ibtpo_fast.update import SKIPPED, UpdateSettings, ppo_update
+from ibtpo_fast.update import SKIPPED, UpdateSettings, ppo_update, reference_logprobs
 from ibtpo_fast.walk import WalkResult, walk
 
 
@@ -181,6 +181,11 @@ class Trainer:
         self.bad_steps_total = state["bad_steps_total"]
         self.global_step = state["global_step"]
         rngs = state["rng"]  # one per rank that wrote it; a rank the writer did not have takes rank 0's
+        if len(rngs) != self.world.size and self.world.is_main:
+            warnings.warn(f"{path} was written at {len(rngs)} ranks and resumes at {self.world.size}: the ranks take "
+                          f"{'the first ' + str(self.world.size) if len(rngs) > self.world.size else 'rank 0'}'s RNG "
+                          "states, so the run goes on as a new sample, not as the uninterrupted run",
+                          RuntimeWarning, stacklevel=2)
         set_rng_state(rngs[self.world.rank] if self.world.rank < len(rngs) else rngs[0])
 
     # ---- setup helpers -----------------------------------------------------------------------
@@ -285,7 +290,11 @@ class Trainer:
                           self.cfg.train, self.cfg.algo.prefix_weighting)
 
     def update(self, batch: TrainBatch) -> dict[str, float]:
-        """The PPO update, the learning-rate step, and the count of steps skipped as non-finite."""
+        """The PPO update, the learning-rate step, and the count of steps skipped as non-finite. With
+        algo.old_logprobs=policy the old log-probs are first recomputed by the training forward, whose
+        precision and kernels may differ from the engine's."""
+        if self.cfg.algo.old_logprobs == "policy":
+            batch.old_logp = reference_logprobs(self.policy, batch, self.update_settings, self.world)
         out = ppo_update(self.policy, self.optimizer, batch, self.update_settings, self.ref_model, self.world)
         self.scheduler.step()
         self._count_bad_step(out.pop(SKIPPED) > 0)

@@ -80,7 +80,7 @@ def ppo_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: 
                          "many rows (pack_trees(min_rows=...)) or use fewer train.mini_batches")
     policy = as_logprob_module(model)
     with deterministic_algorithms(settings.deterministic):
-        ref_logp = reference_logprobs(ref_model, batch, settings) if settings.kl_coef > 0 else None
+        ref_logp = reference_logprobs(ref_model, batch, settings, world) if settings.kl_coef > 0 else None
         policy.train()
         stats: dict[str, list[float]] = {}
         order = np.arange(batch.num_rows)
@@ -178,9 +178,23 @@ def _combine(parts: list[tuple[dict[str, float], float]]) -> dict[str, float]:
 
 
 @torch.no_grad()
-def reference_logprobs(ref_model: torch.nn.Module, batch: TrainBatch, settings: UpdateSettings) -> torch.Tensor:
-    logp, _ = as_logprob_module(ref_model)(batch, settings.temperature, settings.tree_attention)
-    return logp.float().cpu()
+def reference_logprobs(ref_model: torch.nn.Module, batch: TrainBatch, settings: UpdateSettings,
+                       world: World = SINGLE) -> torch.Tensor:
+    """Per-token log-probs of `batch` under `ref_model` (fp32, on the CPU, in the batch's token order), a
+    micro-batch at a time under the settings' token budget, every rank running as many forwards."""
+    module = as_logprob_module(ref_model)
+    budget = settings.max_tokens_per_micro_batch
+    if not budget:
+        return module(batch, settings.temperature, settings.tree_attention)[0].float().cpu()
+    groups: list[np.ndarray | None] = list(micro_batches(batch, budget))
+    groups += [None] * (int(world.max(len(groups))) - len(groups))
+    out = torch.empty(len(batch.rows))
+    for rows in groups:
+        chosen = rows if rows is not None else np.arange(1)
+        logp = module(batch.select(chosen), settings.temperature, settings.tree_attention)[0]
+        if rows is not None:
+            out[torch.isin(batch.rows, torch.as_tensor(chosen))] = logp.float().cpu()
+    return out
 
 
 def _backward(loss: torch.Tensor, world: World) -> bool:

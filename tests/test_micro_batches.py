@@ -103,3 +103,23 @@ def test_trainer_steps_with_micro_batches_and_checkpointing(tmp_path):
     assert tr.model.is_activation_checkpointing
     m = tr.step()
     assert np.isfinite(m["actor/pg_loss"]) and m["actor/grad_norm"] > 0
+
+
+@pytest.mark.parametrize("source", ["engine", "policy"])
+def test_old_logprobs_from_the_policy_make_the_first_ratio_one(tmp_path, source):
+    from ibtpo_fast.config import load_config
+    from ibtpo_fast.trainer import Trainer
+
+    tr = Trainer(load_config(["data.batch_size=2", "data.val_size=2", "rollout.tree=2,3,1,1", "run.progress=off",
+                              f"run.out_dir={tmp_path}", f"algo.old_logprobs={source}",
+                              "train.max_tokens_per_micro_batch=200"]))
+    rollout = tr.rollout(range(2))
+    batch = tr.pack(rollout.forest, walk(rollout.forest, lam=0.1))
+    engine = batch.old_logp.clone()
+    m = tr.update(batch)
+    if source == "policy":  # recomputed by the training forward before the first (and only) mini-batch
+        assert m["actor/ratio_max"] == pytest.approx(1.0, abs=1e-6) and m["actor/pg_clipfrac"] == 0
+        assert not torch.equal(batch.old_logp, engine)
+        torch.testing.assert_close(batch.old_logp, engine, atol=1e-3, rtol=0)  # the engine's, up to its precision
+    else:
+        assert torch.equal(batch.old_logp, engine) and m["actor/ratio_max"] != 1.0
