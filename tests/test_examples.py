@@ -2,6 +2,7 @@
 own checks and name only options their frameworks define (neither framework runs on a CPU)."""
 import asyncio
 import importlib
+import importlib.util
 import json
 import os
 import re
@@ -11,6 +12,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import yaml
 
 import ibtpo_fast.integrations.slime as slime_adapter
@@ -20,6 +22,7 @@ from ibtpo_fast.tasks import STEP_DELIMITER
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
+MANAGER = "ibtpo_fast.integrations.verl.IBTreeAgentLoopManager"
 
 
 def run_example(*args: str) -> subprocess.CompletedProcess:
@@ -104,3 +107,28 @@ def test_the_slime_launch_line_passes_the_adapters_checks_with_slimes_options(mo
     args.rollout_max_response_len = int(slimes["rollout_max_response_len"])
     assert slime_adapter.tree_spec(args).trajectories == args.n_samples_per_prompt
     slime_adapter._check_args(args)
+
+
+def test_the_verl_config_composes_on_verls_own_config_tree(tmp_path):
+    """In CI's verl environment: Hydra composes the example over verl's ppo_trainer, and the result passes
+    the adapter's checks (verl's defaults filled in, the example's settings kept)."""
+    hydra = pytest.importorskip("hydra", reason="hydra comes with verl, in CI's verl environment")
+    spec = importlib.util.find_spec("verl")
+    if spec is None:
+        pytest.skip("verl is installed in CI's verl environment only")
+    from omegaconf import OmegaConf
+
+    tree = Path(spec.submodule_search_locations[0]) / "trainer" / "config"
+    text = (EXAMPLES / "verl_ibtpo.yaml").read_text()
+    assert "pkg://verl.trainer.config" in text
+    (tmp_path / "verl_ibtpo.yaml").write_text(text.replace("pkg://verl.trainer.config", tree.as_uri()))
+    with hydra.initialize_config_dir(config_dir=str(tmp_path), version_base=None):
+        config = OmegaConf.to_container(hydra.compose("verl_ibtpo"), resolve=True)
+    verl_adapter.check_trainer(config)
+    sampler, _ = verl_adapter.sampler_settings(config, stop_token_ids=[0])
+    assert sampler.tree.trajectories == 6 and sampler.max_new_tokens == 256
+    assert config["actor_rollout_ref"]["rollout"]["agent"]["default_agent_loop"] == "single_turn_agent"  # verl's
+    with hydra.initialize_config_dir(config_dir=str(tree), version_base=None):  # why the command line needs a +
+        with pytest.raises(hydra.errors.ConfigCompositionException, match="To append to your config use"):
+            hydra.compose("ppo_trainer", overrides=[f"actor_rollout_ref.rollout.agent.agent_loop_manager_class={MANAGER}"])
+        hydra.compose("ppo_trainer", overrides=[f"+actor_rollout_ref.rollout.agent.agent_loop_manager_class={MANAGER}"])
