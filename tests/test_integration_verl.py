@@ -45,8 +45,9 @@ class TokenOutput:  # verl/workers/rollout/replica.py TokenOutput: the fields th
 class TorchServerClient:
     """Stands in for verl's LLMServerClient; requests that arrive together decode as one TorchEngine batch."""
 
-    def __init__(self, engine: TorchEngine | None) -> None:
+    def __init__(self, engine: TorchEngine | None, report_cache: bool = True) -> None:
         self.engine, self.params, self.request_ids, self._queue = engine, [], [], []
+        self.report_cache = report_cache  # verl's vLLM server reports num_cached_tokens, its SGLang server does not
 
     async def generate(self, request_id, *, prompt_ids, sampling_params):
         self.params.append(dict(sampling_params))
@@ -67,8 +68,8 @@ class TorchServerClient:
                 future.set_exception(e)
             return
         for (_, future), c in zip(queued, completions):
-            future.set_result(TokenOutput(c.token_ids.tolist(), c.logprobs.tolist(), "completed",
-                                          {"num_cached_tokens": c.cached_tokens}))
+            extra = {"num_cached_tokens": c.cached_tokens} if self.report_cache else {}
+            future.set_result(TokenOutput(c.token_ids.tolist(), c.logprobs.tolist(), "completed", extra))
 
 
 def server_request(prompt_ids, params) -> Request:
@@ -242,6 +243,13 @@ def test_bad_batches_and_settings_are_refused(grown, tiny):
         verl_adapter.check_trainer({"trainer": {"use_v1": True}})
     with pytest.raises(ValueError, match="use_kl_loss"):
         verl_adapter.check_trainer({"algorithm": {"use_kl_in_reward": True}})
+    for reward_model in ({"reward": {"reward_model": {"enable": True}}}, {"reward_model": {"enable": True}}):
+        with pytest.raises(ValueError, match="reward.reward_model.enable=True: .* reward.custom_reward_function"):
+            verl_adapter.check_trainer(reward_model)
+    with pytest.raises(ValueError, match="reward manager 'dapo'"):
+        verl_adapter.check_trainer({"reward": {"reward_manager": {"name": "dapo"}}})
+    verl_adapter.check_trainer({"reward": {"reward_model": {"enable": False}, "reward_manager": {"name": "naive"}},
+                                "reward_model": {"enable": None, "reward_manager": None}})  # verl 0.9.1's defaults
     with pytest.raises(ValueError, match="build this manager with create"):
         manager.generate_sequences(SimpleNamespace(meta_info={"validate": True}, non_tensor_batch={}))
 
@@ -261,8 +269,20 @@ def test_server_outputs_become_completions():
     assert verl_adapter.to_completion(TokenOutput([7], [-0.1], "completed"), request).finish_reason == "stop"
     with pytest.raises(RuntimeError, match="no tokens"):
         verl_adapter.to_completion(TokenOutput([], [], "aborted"), request)
+    # behind verl's SGLang server: SGLang's own reasons
+    with pytest.raises(RuntimeError, match="aborted the request"):
+        verl_adapter.to_completion(TokenOutput([7], [-0.1], "abort"), request)
+    assert verl_adapter.to_completion(TokenOutput([7], [-0.1], "length"), request).finish_reason == "length"
+    assert verl_adapter.to_completion(TokenOutput([7, 8, 1], [-0.1, -0.2, -0.3], "stop"), request).finish_reason == "stop"
     with pytest.raises(RuntimeError, match="log-prob"):
         verl_adapter.to_completion(TokenOutput([7], None, "completed"), request)
+
+
+def test_a_server_that_reports_no_cached_tokens_leaves_the_hit_rate_unknown(grown, tiny):
+    assert 0 < grown[4].rollout.metrics["rollout/prefix_cache_hit_rate"] <= 1  # reported, as verl's vLLM server does
+    manager, _ = make_manager(tiny, client=TorchServerClient(TorchEngine(tiny[0], tokenizer=tiny[1]), report_cache=False))
+    groups = manager.grow(repeated(dataset_rows(make_split("test", 1))))
+    assert np.isnan(groups.rollout.metrics["rollout/prefix_cache_hit_rate"])
 
 
 @pytest.mark.skipif(importlib.util.find_spec("verl") is not None, reason="verl is installed: the real-verl tests cover these paths")

@@ -81,6 +81,8 @@ class VerlServerEngine(LoopClientEngine):
         threading.Thread(target=self.loop.run_forever, name="ibtpo-verl-engine", daemon=True).start()
         self.client, self.seed_key = client, seed_key
         self._sessions: dict[tuple[int, ...], str] = {}
+        # answers without a cached-token count (verl's SGLang server passes none on): the cache hit rate is unknown
+        self.cache_unreported = 0
 
     def open_sessions(self, prompts: Sequence[Sequence[int]], names: Sequence[str]) -> None:
         """Send each request that extends one of `prompts` under that prompt's name as request_id: verl's
@@ -91,6 +93,7 @@ class VerlServerEngine(LoopClientEngine):
     async def _complete(self, request: Request, handle: int) -> Completion:
         out = await self.client.generate(self._request_id(request), prompt_ids=[int(t) for t in request.prefix_ids],
                                          sampling_params=self.sampling_params(request))
+        self.cache_unreported += out.extra_fields.get("num_cached_tokens") is None
         return to_completion(out, request)
 
     def _request_id(self, request: Request) -> str:
@@ -114,16 +117,17 @@ class VerlServerEngine(LoopClientEngine):
 
 
 def to_completion(out: Any, request: Request) -> Completion:
-    """A `TokenOutput` as our `Completion`. verl reports stop_reason "completed" for a stop and a cut
-    alike, so a response is cut ("length") when it fills its limit without ending on a stop token."""
-    if out.stop_reason == "aborted" or not out.token_ids:
-        raise RuntimeError(f"the rollout server returned no tokens (stop_reason {out.stop_reason!r}) for a "
-                           f"{len(request.prefix_ids)}-token prefix")
+    """A `TokenOutput` as our `Completion`. verl's vLLM server reports stop_reason "completed" for a stop and
+    a cut alike, so a response is cut ("length") when it fills its limit without ending on a stop token;
+    its SGLang server passes SGLang's own reason on ("stop", "length", "abort")."""
+    if out.stop_reason in ("aborted", "abort") or not out.token_ids:
+        raise RuntimeError(f"the rollout server aborted the request or returned no tokens (stop_reason "
+                           f"{out.stop_reason!r}) for a {len(request.prefix_ids)}-token prefix")
     if out.log_probs is None or len(out.log_probs) != len(out.token_ids):
         raise RuntimeError("the rollout server returned no log-prob for every token; the tree needs them "
                            "(verl's servers return them when sampling_params['logprobs'] is True)")
     ids = np.asarray(out.token_ids, np.int64)
-    cut = len(ids) >= request.max_new_tokens and int(ids[-1]) not in set(request.stop_token_ids)
+    cut = out.stop_reason == "length" or (len(ids) >= request.max_new_tokens and int(ids[-1]) not in set(request.stop_token_ids))
     return Completion(ids, np.asarray(out.log_probs, np.float32), None, "length" if cut else "stop",
                       int(out.extra_fields.get("num_cached_tokens") or 0))
 
@@ -156,6 +160,23 @@ def check_trainer(config: Mapping) -> None:
                          f"response_mask and rm_scores for the estimator, so the step advantages in {ADVANTAGE_KEY!r} cannot reach it")
     if config.get("algorithm", {}).get("use_kl_in_reward", False):
         raise ValueError(_KL_IN_REWARD)
+    if _path(config, "reward.reward_model.enable") or _path(config, "reward_model.enable"):
+        raise ValueError("reward.reward_model.enable=True: a reward model scores whole batches after the rollout, but a "
+                         "tree needs each round's leaves scored before it branches; score with "
+                         "reward.custom_reward_function instead")
+    managers = {_path(config, "reward.reward_manager.name"), _path(config, "reward_model.reward_manager")} - {None, "naive"}
+    if managers:
+        raise ValueError(f"reward manager {sorted(managers)[0]!r}: the tree scores each leaf with compute_score as verl's "
+                         f"'naive' manager does, so another manager's shaping would be skipped; use 'naive'")
+
+
+def _path(config: Mapping, dotted: str) -> Any:
+    """config's value at a dotted path (a dict or an OmegaConf config), None where any part is absent."""
+    for key in dotted.split("."):
+        config = config.get(key) if hasattr(config, "get") else None
+        if config is None:
+            return None
+    return config
 
 
 # ---- the agent-loop manager --------------------------------------------------------------------------
@@ -235,7 +256,10 @@ class IBTreeAgentLoopManager:
         prompts = [self._prompt(row) for row in rows]
         if self.sticky:
             self.engine.open_sessions(prompts, [row["uid"] for row in rows])
+        self.engine.cache_unreported = 0
         rollout = self.sampler.sample(prompts, rows)
+        if self.engine.cache_unreported:
+            rollout.metrics["rollout/prefix_cache_hit_rate"] = float("nan")
         result = walk(rollout.forest, **self.walk_options)
         leaves = leaf_batch(rollout.forest, result, self.pad_id, rollout.finish_reason)
         order = _leaf_order(leaves, positions)
