@@ -265,7 +265,13 @@ def changes(arm: dict[str, Any]) -> int:
 def select(files: Sequence[Path]) -> str:
     """Section 9's rule over the candidates' files (one per workload): the lowest summed shortfall, then
     the fewest changed choices, then the lowest mean tokens against G=8."""
-    runs = {Path(p).parent.name: json.loads(Path(p).read_text()) for p in files}
+    runs: dict[str, dict[str, Any]] = {}
+    for path in files:  # each file is named by the task its arms sampled
+        data = json.loads(Path(path).read_text())
+        task = data["arms"][G8]["config"]["data"]["task"]
+        if task in runs:
+            raise ValueError(f"--select: two files sample {task!r}; give one file per workload")
+        runs[task] = data
     first = next(iter(runs.values()))["arms"]
     names = [n for n in first if n not in BASELINES and all(n in d["arms"] for d in runs.values())]
     if not names:

@@ -64,17 +64,20 @@ def test_candidates_and_the_preregistered_rule(tmp_path):
     """Every candidate is sampled (a candidate equal to a baseline reuses its totals), and --select ranks
     them by the rule of docs/algorithm.md section 9 over workloads."""
     for task in ("arithmetic", "arithmetic_hard"):
-        assert study.main(["--sampling", "2", "--candidates", "root,norm", "--out", str(tmp_path / task), "--",
-                           f"data.task={task}"]) == 0
-    data = json.loads((tmp_path / "arithmetic" / "sampling.json").read_text())
+        assert study.main(["--sampling", "2", "--candidates", "root,norm", "--out", str(tmp_path / task / "candidates"),
+                           "--", f"data.task={task}"]) == 0
+    data = json.loads((tmp_path / "arithmetic" / "candidates" / "sampling.json").read_text())
     names = [n for n in data["arms"] if n not in sampling_study.BASELINES]
     assert len(names) == 4 and all("/ geomean / shallow" in n for n in names)
     default = data["arms"]["IB root kept / mean / geomean / shallow"]
     assert default["tokens"] == data["arms"]["IB tree (4,9,1,1)"]["tokens"]
     assert data["arms"]["IB root dropped / mean / geomean / shallow"]["root_picks"] == 0
-    files = [str(tmp_path / t / "sampling.json") for t in ("arithmetic", "arithmetic_hard")]
+    files = [str(tmp_path / t / "candidates" / "sampling.json") for t in ("arithmetic", "arithmetic_hard")]
+    with pytest.raises(ValueError, match="two files sample 'arithmetic'"):
+        sampling_study.select([files[0], files[0]])
     assert study.main(["--select", *files, "--out", str(tmp_path)]) == 0
     text = (tmp_path / "selection.md").read_text()
+    assert text.count("arithmetic_hard: tokens vs G=8") == 1  # one column group per workload, named by its task
     ranked = [line.split(" | ") for line in text.splitlines() if line.startswith("| IB")]
     assert len(ranked) == 4 and [float(r[1]) for r in ranked] == sorted(float(r[1]) for r in ranked)
     assert f"Chosen: **{ranked[0][0][2:]}**" in text
