@@ -16,9 +16,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ibtpo_fast.metrics import Parts, reduce_parts
+
 PARALLEL = ("auto", "fsdp", "ddp", "none")  # train.parallel; auto: fsdp when the world has more than one rank
-SUMMED = ("train/tokens_processed", "train/skipped_minibatches", "reward/errors", "reward/timeouts", "perf/tokens_per_s")
-MAXED = ("actor/ratio_max",)
 
 
 @dataclass(frozen=True)
@@ -72,28 +72,9 @@ class World:
         if self.size > 1:
             dist.barrier()
 
-    def reduce_metrics(self, metrics: Mapping[str, float], weight: float = 1.0) -> dict[str, float]:
-        """One step's metrics over the ranks as their meaning needs: counts summed, timings and maxima
-        maxed, `actor/*` loss statistics averaged weighted by each rank's loss tokens (`weight`), the
-        rest (per-tree means over equal shares of trees) averaged."""
-        if self.size == 1:
-            return dict(metrics)
-        keys = sorted(metrics)
-        gathered = self.gather([float(metrics[k]) for k in keys] + [float(weight)])
-        rows = torch.tensor(gathered, dtype=torch.float64)
-        values, weights = rows[:, :-1], rows[:, -1]
-        out = {}
-        for i, key in enumerate(keys):
-            col = values[:, i]
-            if key in SUMMED:
-                out[key] = float(col.sum())
-            elif key in MAXED or key.startswith("timing/"):
-                out[key] = float(col.max())
-            elif key.startswith("actor/") and weights.sum() > 0:
-                out[key] = float((col * weights).sum() / weights.sum())
-            else:
-                out[key] = float(col.mean())
-        return out
+    def reduce_metrics(self, parts: Mapping[str, Parts]) -> dict[str, float]:
+        """One step's metrics over the ranks, each from the ranks' reduced parts (ibtpo_fast.metrics)."""
+        return reduce_parts(self.gather(dict(parts)))
 
 
 SINGLE = World()

@@ -23,6 +23,7 @@ import numpy as np
 
 from ibtpo_fast.engines.protocol import Completion, Engine, Request, SamplingParams
 from ibtpo_fast.forest import Forest
+from ibtpo_fast.metrics import Parts, mean_of, reduce_parts
 from ibtpo_fast.steps import step_lengths
 from ibtpo_fast.walk import IB_NORMS, walk
 
@@ -133,6 +134,7 @@ class Rollout:
     metrics: dict[str, float]
     finish_reason: dict[int, str]  # per leaf
     picks: list[Pick] = field(default_factory=list)
+    parts: dict[str, Parts] = field(default_factory=dict)  # `metrics` as parts, for reducing over ranks
 
 
 @dataclass
@@ -218,8 +220,8 @@ class IBTreeSampler:
         forest, new_index = batch.forest.tree_major()
         finish = {int(new_index[v]): reason for v, reason in batch.finish.items()}
         picks = [dataclasses.replace(p, node=int(new_index[p.node])) for p in batch.picks]
-        metrics = self._metrics(forest, batch, finish, picks)
-        return Rollout(forest, batch.generated, metrics, finish, picks)
+        parts = self._metric_parts(forest, batch, finish, picks)
+        return Rollout(forest, batch.generated, reduce_parts([parts]), finish, picks, parts)
 
     # ---- schedules -------------------------------------------------------------------------
     def _lockstep(self, batch: _Batch) -> None:
@@ -420,40 +422,39 @@ class IBTreeSampler:
         return total / np.maximum(forest.num_children, 1)
 
     # ---- accounting ------------------------------------------------------------------------
-    def _metrics(self, forest: Forest, batch: _Batch, finish: dict[int, str], picks: list[Pick]) -> dict:
+    def _metric_parts(self, forest: Forest, batch: _Batch, finish: dict[int, str], picks: list[Pick]) -> dict[str, Parts]:
+        """The rollout's metrics as parts (ibtpo_fast.metrics), which reduce exactly over ranks."""
         leaves = forest.is_leaf
         resp_len = forest.response_lengths()[leaves]
-        trajectories = int(leaves.sum())
-        total_gen = int(batch.generated.sum())
-        rewards = forest.reward[leaves]
+        trajectories, trees, resp_total = float(leaves.sum()), float(forest.num_trees), float(resp_len.sum())
+        total_gen = float(batch.generated.sum())
         per_tree = [forest.reward[leaves & (forest.tree == t)] for t in range(forest.num_trees)]
         return {
-            "tree/trajectories": trajectories / forest.num_trees,
-            "tree/generated_tokens": total_gen / forest.num_trees,
-            "tree/trajectories_per_1k_tokens": 1000.0 * trajectories / max(total_gen, 1),
-            "tree/unique_token_ratio": total_gen / max(int(resp_len.sum()), 1),
-            "tree/eff_rate": float(np.mean([r.min() != r.max() for r in per_tree])),
-            "critic/score/mean": float(rewards.mean()),
-            "response_length/mean": float(resp_len.mean()),
+            "tree/trajectories": (trajectories, trees),
+            "tree/generated_tokens": (total_gen, trees),
+            "tree/trajectories_per_1k_tokens": (1000.0 * trajectories, total_gen),
+            "tree/unique_token_ratio": (total_gen, resp_total),
+            "tree/eff_rate": (float(sum(r.min() != r.max() for r in per_tree)), trees),
+            "critic/score/mean": (float(forest.reward[leaves].sum()), trajectories),
+            "response_length/mean": (resp_total, trajectories),
             # share of trajectories cut at max_new_tokens (they score 0)
-            "response_length/clip_ratio": float(np.mean([finish[v] == "length" for v in np.flatnonzero(leaves)])),
-            "rollout/prefix_cache_hit_rate": batch.cached_tokens / max(batch.prefix_tokens, 1),
-            **pick_metrics(picks, float(resp_len.mean())),
-            **{f"timing/{k}": v for k, v in batch.timing.items()},
+            "response_length/clip_ratio": (float(sum(finish[v] == "length" for v in np.flatnonzero(leaves))), trajectories),
+            "rollout/prefix_cache_hit_rate": (float(batch.cached_tokens), float(batch.prefix_tokens)),
+            **pick_parts(picks, resp_total, trajectories),
+            **{f"timing/{k}": (v,) for k, v in batch.timing.items()},
         }
 
 
-def pick_metrics(picks: Sequence[Pick], mean_response_len: float) -> dict[str, float]:
+def pick_parts(picks: Sequence[Pick], response_tokens: float, trajectories: float) -> dict[str, Parts]:
     """Where a rollout's branches went: the share picked at the root, the response tokens already on a
-    picked node's path as a share of the mean response length (how much of a response each continuation
-    skips), and the mean Cov(eta1, eta2) at picked nodes with two or more children (NaN without picks)."""
-    if not picks:
-        return {"tree/root_pick_share": float("nan"), "tree/pick_prefix_share": float("nan"), "ib/cov_eta_picked": float("nan")}
-    cov = np.array([p.cov_eta for p in picks])
+    picked node's path as a share of the mean response length (`response_tokens` over `trajectories`: how
+    much of a response each continuation skips), and the mean Cov(eta1, eta2) at picked nodes with two or
+    more children (NaN without picks)."""
     return {
-        "tree/root_pick_share": float(np.mean([p.depth == 0 for p in picks])),
-        "tree/pick_prefix_share": float(np.mean([p.response_len for p in picks])) / max(mean_response_len, 1e-12),
-        "ib/cov_eta_picked": float(np.nanmean(cov)) if np.isfinite(cov).any() else float("nan"),
+        "tree/root_pick_share": (float(sum(p.depth == 0 for p in picks)), float(len(picks))),
+        "tree/pick_prefix_share": (float(sum(p.response_len for p in picks)), float(len(picks)), response_tokens,
+                                   trajectories),
+        "ib/cov_eta_picked": mean_of(np.array([p.cov_eta for p in picks], np.float64)),
     }
 
 

@@ -27,6 +27,7 @@ from ibtpo_fast.engines.protocol import SamplingParams
 from ibtpo_fast.errors import CheckpointError
 from ibtpo_fast.evaluation import evaluate, merge_shares
 from ibtpo_fast.loading import Task, build_engine, check_engine, load_policy, load_task, model_dir, resolve_device, stop_token_ids
+from ibtpo_fast.metrics import mean_of, parts_of
 from ibtpo_fast.packing import TrainBatch, flatten, pack_trees
 from ibtpo_fast.policy import TokenLogprobs, checkpoint_activations, resolve_tree_attention, supports_tree_packing
 from ibtpo_fast.runlog import RunLogger, SilentLogger, plot_metrics, read_metrics
@@ -250,7 +251,8 @@ class Trainer:
 
     def step(self) -> dict[str, float]:
         """One training step on this rank's share of the global batch. Its `timing/*` parts (rollout, reward,
-        walk, pack, update, sync) sum to `timing/step`, the step's wall time; metrics are over all ranks."""
+        walk, pack, update, sync) sum to `timing/step`, the step's wall time (the slowest rank's); the other
+        metrics are those of all ranks' data together (ibtpo_fast.metrics)."""
         cfg, start = self.cfg, time.perf_counter()
         share, first = self.world.share(cfg.data.batch_size), self.global_step * cfg.data.batch_size
         rollout = self.rollout(self.stream.next_batch()[share], range(first, first + cfg.data.batch_size)[share])
@@ -271,19 +273,20 @@ class Trainer:
         self.sync_weights()
         t_sync = time.perf_counter() - t0
         self.global_step += 1
-        m = {**rollout.metrics, **update, "train/tokens_processed": float(batch.tokens_processed)}
-        m.update({
-            "ib/score_mean": w.ib_score_mean, "ib/cov_eta": w.cov_eta_mean,
-            "timing/walk": m["timing/walk"] + t_walk,  # the sampler's branch scoring and the advantages
+        local = {
+            "train/tokens_processed": float(batch.tokens_processed),
+            "timing/walk": rollout.metrics["timing/walk"] + t_walk,  # the sampler's branch scoring and the advantages
             "timing/pack": t_pack, "timing/update": t_update, "timing/sync": t_sync,
-            "perf/tokens_per_s": float(rollout.generated_tokens.sum()) / max(m["timing/rollout"], 1e-9),
-            "actor/lr": self.scheduler.get_last_lr()[0],
-            **self.scorer.stats(),
-        })
+            "actor/lr": self.scheduler.get_last_lr()[0], **self.scorer.stats(),
+        }
         if self.rollout_weights is not None:  # what the engine's whole replica holds while a rollout runs
-            m["perf/rollout_weights_mb"] = self.rollout_weights.bytes / 2**20
-        m["timing/step"] = time.perf_counter() - start
-        return self.world.reduce_metrics(m, weight=float(batch.mult.sum()))
+            local["perf/rollout_weights_mb"] = self.rollout_weights.bytes / 2**20
+        local["timing/step"] = time.perf_counter() - start
+        return self.world.reduce_metrics({
+            **rollout.parts, **parts_of(update, weight=float(batch.mult.sum())), **parts_of(local),
+            "ib/score_mean": mean_of(w.ib_score), "ib/cov_eta": mean_of(w.cov_eta),
+            "perf/tokens_per_s": (float(rollout.generated_tokens.sum()), rollout.metrics["timing/rollout"]),
+        })
 
     def pack(self, forest, w: WalkResult) -> TrainBatch:
         return pack_batch(forest, w, self.tokenizer.pad_token_id or 0, self.layout, self.tree_attention,
