@@ -1,5 +1,6 @@
 """Data parallelism on CPU (gloo, 2 ranks, 1 thread each): N ranks make the single-process update, a run
 killed mid-step resumes exactly, checkpoints move between world sizes, one rank's error ends every rank."""
+import json
 import os
 import signal
 import subprocess
@@ -7,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -14,6 +16,7 @@ from test_resume import comparable, records, wait_inside_step_3
 from transformers import AutoModelForCausalLM
 
 from ibtpo_fast.config import ConfigError, load_config
+from ibtpo_fast.metrics import reduce_parts
 
 HERE = Path(__file__).resolve().parent
 SLOW = f"{HERE / 'reward_fns.py'}:slow_arithmetic"
@@ -96,6 +99,45 @@ def test_fsdp_mixed_precision_computes_in_bf16_and_stays_close(updates):
     assert all(w.dtype == torch.float32 for w in got["weights"].values())  # the sharded master weights stay fp32
     moved = [(got["weights"][k] - want["weights"][k]).abs().max() for k in want["weights"]]
     assert max(moved) < 1e-3
+
+
+def union_metrics(ranks):
+    """The one-process metrics of the ranks' data together, as one process defines them."""
+    cat = {k: np.concatenate([np.asarray(r[k], np.float64) for r in ranks]) for k in
+           ("reward", "response_len", "cut", "effective", "generated", "pick_depth", "pick_len", "pick_cov",
+            "ib_score", "cov_eta")}
+    trees, gen, leaves = sum(r["trees"] for r in ranks), cat["generated"].sum(), len(cat["reward"])
+    cached, prefix = np.sum([r["parts"]["rollout/prefix_cache_hit_rate"] for r in ranks], axis=0)
+    return {
+        "tree/trajectories": leaves / trees, "tree/generated_tokens": gen / trees,
+        "tree/trajectories_per_1k_tokens": 1000 * leaves / gen, "tree/unique_token_ratio": gen / cat["response_len"].sum(),
+        "tree/eff_rate": cat["effective"].mean(), "critic/score/mean": cat["reward"].mean(),
+        "response_length/mean": cat["response_len"].mean(), "response_length/clip_ratio": cat["cut"].mean(),
+        "rollout/prefix_cache_hit_rate": cached / prefix, "tree/root_pick_share": np.mean(cat["pick_depth"] == 0),
+        "tree/pick_prefix_share": cat["pick_len"].mean() / cat["response_len"].mean(),
+        "ib/cov_eta_picked": np.nanmean(cat["pick_cov"]), "ib/score_mean": np.nanmean(cat["ib_score"]),
+        "ib/cov_eta": np.nanmean(cat["cov_eta"]), "perf/tokens_per_s": gen / max(r["rollout_s"] for r in ranks),
+        "train/tokens_processed": sum(r["parts"]["train/tokens_processed"][0] for r in ranks),
+    }
+
+
+def test_two_rank_metrics_are_those_of_the_union_of_their_data(tmp_path):
+    done = subprocess.run(torchrun(str(HERE / "dist_metrics.py"), str(tmp_path), *RUN, "data.batch_size=4"),
+                          capture_output=True, text=True, env=env(), timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert sum(ranks[0]["response_len"]) != sum(ranks[1]["response_len"])  # the ranks hold unequal token counts
+    logged, want = records(tmp_path)[1], union_metrics(ranks)
+    for key, value in want.items():
+        assert logged[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+    # the old mean of the ranks' means misses on the token ratios: the test can tell them apart
+    local = [reduce_parts([r["parts"]]) for r in ranks]
+    assert abs(np.mean([m["tree/unique_token_ratio"] for m in local]) - want["tree/unique_token_ratio"]) > 1e-6
+    # timings: the slowest rank's, whose parts still sum to its step
+    slowest = max(ranks, key=lambda r: r["parts"]["timing/step"][0])["parts"]
+    timings = {k: v for k, v in logged.items() if k.startswith("timing/") and k not in ("timing/step", "timing/eval")}
+    assert timings == {k: slowest[k][0] for k in timings} and logged["timing/step"] == slowest["timing/step"][0]
+    assert sum(timings.values()) == pytest.approx(logged["timing/step"], rel=0.05)
 
 
 def test_killed_two_rank_run_resumes_as_if_uninterrupted(tmp_path):
