@@ -29,7 +29,7 @@ struct WalkParams {
   double beta = 5.0;
   double lam = 0.1;
   double eps = 1e-6;
-  StepProb step_prob = StepProb::Geomean;
+  StepProb step_prob = StepProb::Product;
 };
 
 // Caller-owned outputs: per node (num_nodes) and per tree (num_trees).

@@ -65,7 +65,7 @@ class RolloutConfig:
     top_k: int = -1
     step_delimiter: str = "\n"
     min_step_tokens: int = 1
-    branch_root: bool = True  # the root stays a candidate after round 1 (false: it keeps its B0 children only)
+    branch_root: bool = False  # true: the root stays a candidate after round 1 (default: it keeps its B0 children)
     tie_break: str = "shallow"  # shallow | deep: which of two equal scores is expanded first
     min_branch_room: int = 1  # a candidate's path leaves at least this many tokens under max_new_tokens
     token_budget: int = 0  # per tree; 0: no budget
@@ -79,7 +79,7 @@ class AlgoConfig:
     beta: float = 5.0
     lam: float = 0.1
     eps: float = 1e-6
-    step_prob: str = "geomean"
+    step_prob: str = "product"  # pi(step): exp(sum of token logprobs) | geomean: exp(their mean)
     ib_norm: str = "mean"  # mean | sum: IB-Score over a node's children (docs/algorithm.md section 2)
     clip_low: float = 0.2
     clip_high: float = 0.2

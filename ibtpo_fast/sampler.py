@@ -89,9 +89,9 @@ class SamplerConfig:
     min_step_tokens: int = 1
     token_budget: int | None = None  # per tree: stop branching once spent
     beta: float = 5.0
-    step_prob: str = "geomean"
+    step_prob: str = "product"
     ib_norm: str = "mean"  # IB-Score over a node's children: their mean, or their sum / B (docs/algorithm.md section 2)
-    branch_root: bool = True  # the root stays a candidate after round 1 (False: it keeps its B0 children only)
+    branch_root: bool = False  # True: the root stays a candidate after round 1 (default: it keeps its B0 children)
     tie_break: str = "shallow"
     min_branch_room: int = 1  # a candidate's path leaves at least this many response tokens under max_new_tokens
     seed: int = 0

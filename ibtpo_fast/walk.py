@@ -52,7 +52,7 @@ def walk(
     beta: float = 5.0,
     lam: float = 0.1,
     eps: float = 1e-6,
-    step_prob: str = "geomean",
+    step_prob: str = "product",
     ib_norm: str = "mean",
     branch_width: int = 1,
 ) -> WalkResult:

@@ -120,7 +120,7 @@ def test_pick_follows_ib_score_and_tie_rules(tiny):
     ib = walk(f).ib_score
     batch = _Batch(f, [0], [0], np.zeros(1, np.int64), np.zeros(1, np.int64))
     picked = [br.node for br in sampler._next_round(batch, [0], 1)]
-    inner = [v for v in range(len(f)) if f.num_children[v] > 0]
+    inner = [v for v in range(len(f)) if f.num_children[v] > 0 and f.parent[v] >= 0]  # the root keeps its B0
     depth = f.depth()
     want = sorted(inner, key=lambda v: (-ib[v], depth[v], v))[:2]
     assert picked == want
@@ -140,11 +140,11 @@ def forked_forest():
     return f
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(branch_root=False), dict(tie_break="deep"), dict(ib_norm="sum"),
+@pytest.mark.parametrize("kw", [dict(), dict(branch_root=True), dict(tie_break="deep"), dict(ib_norm="sum"),
                                 dict(min_branch_room=63)])
 def test_candidates_and_order_follow_the_options(tiny, kw):
     """Each open choice of docs/algorithm.md section 9 changes the ranking as documented: the root leaves
-    the candidates without branch_root, `deep` puts deeper nodes first among equal scores, `sum` ranks by
+    the candidates unless branch_root, `deep` puts deeper nodes first among equal scores, `sum` ranks by
     the summed score, and min_branch_room drops nodes whose path leaves less room."""
     spec = TreeSpec(2, 2, 4, 2)
     sampler, _, _ = make_sampler(tiny, make_split("train", 1), tree=spec, **kw)
@@ -154,7 +154,7 @@ def test_candidates_and_order_follow_the_options(tiny, kw):
     picked = [br.node for br in sampler._next_round(batch, [0], 1)][:: spec.B]
     depth, room = f.depth(), 64 - f.response_lengths()
     cand = [v for v in range(len(f)) if f.num_children[v] > 0 and room[v] >= kw.get("min_branch_room", 1)
-            and (kw.get("branch_root", True) or v != 0)]
+            and (kw.get("branch_root", False) or v != 0)]
     sign = -1 if kw.get("tie_break") == "deep" else 1
     assert picked == sorted(cand, key=lambda v: (-ib[v], sign * depth[v], v))[: spec.K]
     assert [p.node for p in batch.picks] == picked and all(p.round == 2 for p in batch.picks)
@@ -305,7 +305,8 @@ def same_tree(a, b, t: int) -> bool:
 
 @pytest.mark.parametrize("kw", [dict(strategy="ib", tree=TreeSpec(3, 4, 1, 1)), dict(strategy="random", tree=TreeSpec(2, 4, 2, 1)),
                                 dict(strategy="entropy", tree=TreeSpec(2, 3, 1, 2)), dict(tree=TreeSpec(2, 5, 1, 1), token_budget=60),
-                                dict(tree=TreeSpec(2, 4, 1, 1), branch_root=False, ib_norm="sum", tie_break="deep")])
+                                dict(tree=TreeSpec(2, 4, 1, 1), branch_root=True, ib_norm="sum", tie_break="deep",
+                                     step_prob="geomean")])
 def test_continuous_grows_the_lockstep_forest(tiny, kw):
     """Continuous and lock-step schedules grow the same trees: same picks, rounds, tokens, rewards and
     accounting. Requests decoded one at a time from scratch make tokens a function of prefix and seed

@@ -64,14 +64,14 @@ def test_candidates_and_the_preregistered_rule(tmp_path):
     """Every candidate is sampled (a candidate equal to a baseline reuses its totals), and --select ranks
     them by the rule of docs/algorithm.md section 9 over workloads."""
     for task in ("arithmetic", "arithmetic_hard"):
-        assert study.main(["--sampling", "2", "--candidates", "root,norm", "--out", str(tmp_path / task / "candidates"),
+        assert study.main(["--sampling", "2", "--candidates", "root,pi", "--out", str(tmp_path / task / "candidates"),
                            "--", f"data.task={task}"]) == 0
     data = json.loads((tmp_path / "arithmetic" / "candidates" / "sampling.json").read_text())
     names = [n for n in data["arms"] if n not in sampling_study.BASELINES]
-    assert len(names) == 4 and all("/ geomean / shallow" in n for n in names)
-    default = data["arms"]["IB root kept / mean / geomean / shallow"]
+    assert len(names) == 4 and all(" / mean / " in n and n.endswith(" / shallow") for n in names)
+    default = data["arms"]["IB root dropped / mean / product / shallow"]
     assert default["tokens"] == data["arms"]["IB tree (4,9,1,1)"]["tokens"]
-    assert data["arms"]["IB root dropped / mean / geomean / shallow"]["root_picks"] == 0
+    assert default["root_picks"] == 0 and data["arms"]["IB root kept / mean / geomean / shallow"]["root_picks"] > 0
     files = [str(tmp_path / t / "candidates" / "sampling.json") for t in ("arithmetic", "arithmetic_hard")]
     with pytest.raises(ValueError, match="two files sample 'arithmetic'"):
         sampling_study.select([files[0], files[0]])
