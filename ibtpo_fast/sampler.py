@@ -386,14 +386,17 @@ class IBTreeSampler:
         return branches
 
     def _candidates(self, forest: Forest, response_len: np.ndarray, tree_generated: np.ndarray) -> np.ndarray:
-        """Nodes that may be expanded (docs/algorithm.md section 3): non-leaves with room left on their path,
-        the root only with `branch_root`, in trees that have not spent their token budget."""
+        """Nodes that may be expanded (docs/algorithm.md section 3): non-leaves with room left on their path, in
+        trees that have not spent their token budget. The root is one with `branch_root`, or in a tree with
+        fewer than K other candidates (single-step responses), so every tree still grows its G leaves."""
         cfg = self.cfg
         ok = (forest.num_children > 0) & (cfg.max_new_tokens - response_len >= cfg.min_branch_room)
-        if not cfg.branch_root:
-            ok &= forest.parent >= 0
         if cfg.token_budget is not None:
             ok &= tree_generated < cfg.token_budget
+        if not cfg.branch_root:
+            root = forest.parent < 0
+            below = np.bincount(forest.tree[ok & ~root], minlength=forest.num_trees)
+            ok &= ~root | (below[forest.tree] < cfg.tree.K)
         return ok
 
     def _node_scores(self, forest: Forest, tree_ids: Sequence[int], round_idx: int) -> np.ndarray:

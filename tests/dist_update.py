@@ -28,7 +28,9 @@ def global_forest(model, tok, task, trees=TREES):
     sampler = IBTreeSampler(TorchEngine(model, tokenizer=tok), tok, lambda rows, res: task.scorer(1.0)(
         [r.data_source for r in rows], tok.batch_decode([x.tolist() for x in res], skip_special_tokens=True),
         [r.ground_truth for r in rows]), SamplerConfig(tree="2,3,1,1", max_new_tokens=64,
-                                                       stop_token_ids=stop_token_ids(model, tok), seed=3))
+                                                       stop_token_ids=stop_token_ids(model, tok), seed=3,
+                                                       # the trees BUDGET was sized for
+                                                       branch_root=True, step_prob="geomean"))
     rows = task.train[:trees]
     return sampler.sample([tok.encode(r.prompt, add_special_tokens=False) for r in rows], rows).forest
 

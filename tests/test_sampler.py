@@ -144,17 +144,19 @@ def forked_forest():
                                 dict(min_branch_room=63)])
 def test_candidates_and_order_follow_the_options(tiny, kw):
     """Each open choice of docs/algorithm.md section 9 changes the ranking as documented: the root leaves
-    the candidates unless branch_root, `deep` puts deeper nodes first among equal scores, `sum` ranks by
-    the summed score, and min_branch_room drops nodes whose path leaves less room."""
-    spec = TreeSpec(2, 2, 4, 2)
+    the candidates unless branch_root (or fewer than K others can branch), `deep` puts deeper nodes first
+    among equal scores, `sum` ranks by the summed score, and min_branch_room drops nodes whose path leaves
+    less room."""
+    spec = TreeSpec(2, 2, 2, 2)
     sampler, _, _ = make_sampler(tiny, make_split("train", 1), tree=spec, **kw)
     f = forked_forest()
     ib = walk(f, ib_norm=kw.get("ib_norm", "mean"), branch_width=spec.B).ib_score
     batch = _Batch(f, [0], [0], np.zeros(1, np.int64), np.zeros(1, np.int64))
     picked = [br.node for br in sampler._next_round(batch, [0], 1)][:: spec.B]
     depth, room = f.depth(), 64 - f.response_lengths()
-    cand = [v for v in range(len(f)) if f.num_children[v] > 0 and room[v] >= kw.get("min_branch_room", 1)
-            and (kw.get("branch_root", False) or v != 0)]
+    cand = [v for v in range(1, len(f)) if f.num_children[v] > 0 and room[v] >= kw.get("min_branch_room", 1)]
+    if kw.get("branch_root", False) or len(cand) < spec.K:  # the root: by option, or when too few others can branch
+        cand = [0, *cand]
     sign = -1 if kw.get("tie_break") == "deep" else 1
     assert picked == sorted(cand, key=lambda v: (-ib[v], sign * depth[v], v))[: spec.K]
     assert [p.node for p in batch.picks] == picked and all(p.round == 2 for p in batch.picks)
@@ -188,6 +190,19 @@ def test_picks_say_where_the_branches_went(tiny, branch_root):
     prefix = np.mean([p.response_len for p in picks]) / f.response_lengths()[leaves].mean()
     assert m["tree/pick_prefix_share"] == pytest.approx(prefix)
 
+
+
+def test_single_step_trees_branch_at_the_root_and_keep_their_leaves(tiny):
+    """A delimiter that never appears makes every response one step: the root is then the only node that
+    can branch, and the tree still grows its G leaves (independent samples) instead of stopping at B0."""
+    problems = make_split("train", 2)
+    sampler, _, _ = make_sampler(tiny, problems, tree=TreeSpec(2, 3, 2, 1))
+    sampler.cfg.step_delimiter = "\n\n"
+    rollout = sampler.sample(prompts_of(tiny[1], problems))
+    f = rollout.forest
+    assert (f.depth()[f.is_leaf] == 1).all()  # flat: one step a response
+    assert [int((f.is_leaf & (f.tree == t)).sum()) for t in range(2)] == [2 + 2 * 1 * 1] * 2  # root picked once a round
+    assert rollout.metrics["tree/root_pick_share"] == 1.0
 
 def test_independent_is_one_round(tiny):
     problems = make_split("train", 2)
