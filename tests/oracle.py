@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 
 
-def oracle_walk(parent, tree, logprob_sum, num_tokens, reward, beta=5.0, lam=0.1, eps=1e-6, step_prob="geomean"):
+def oracle_walk(parent, tree, logprob_sum, num_tokens, reward, beta=5.0, lam=0.1, eps=1e-6, step_prob="product"):
     n = len(parent)
     children = [[] for _ in range(n)]
     for v in range(n):
