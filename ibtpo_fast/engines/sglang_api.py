@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ibtpo_fast.engines.sglang_engine import SGLANG_VERSION
+from ibtpo_fast.source_ast import params
 
 API_FILE = Path(__file__).with_name("sglang_api.json")
 ENGINE_FILE = "sglang/srt/entrypoints/engine.py"
@@ -46,11 +47,6 @@ def _class(tree: ast.Module, name: str) -> ast.ClassDef:
     if not found:
         raise LookupError(f"no class {name} in the SGLang source")
     return found[0]
-
-
-def _params(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> list[str]:
-    a = fn.args
-    return [x.arg for x in a.posonlyargs + a.args + a.kwonlyargs if x.arg != "self"] + (["**"] if a.kwarg else [])
 
 
 def _fields(cls: ast.ClassDef) -> list[str]:
@@ -141,7 +137,7 @@ def read_protocol(source: dict[str, str]) -> dict[str, Any]:
                            and any(x in ast.unparse(n) for x in ("context_len", "_max_req_len"))],
         "tokenizer_manager_sets_context_len": "context_len" in _self_attributes(_class(ast.parse(source[TOKENIZER_FILE]),
                                                                                         "TokenizerManager")),
-        "abort_request": _params(_method(source, TOKENIZER_FILE, "TokenizerManager", "abort_request")),
+        "abort_request": params(_method(source, TOKENIZER_FILE, "TokenizerManager", "abort_request")),
         "shutdown_kills": [ast.unparse(c) for c in _calls(shutdown, "kill_process_tree")],
         "shutdown_at_exit": bool(_calls(init, "atexit.register")),
         "finish_reasons": _finish_types(ast.parse(source[BATCH_FILE])),
@@ -162,7 +158,7 @@ def read_api(wheel: Path) -> dict[str, Any]:
     """The API of the sglang wheel (or the directory holding an installed `sglang` package) at `wheel`."""
     source = _sources(wheel)
     engine = _class(ast.parse(source[ENGINE_FILE]), "Engine")
-    methods = {f.name: _params(f) for f in engine.body if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    methods = {f.name: params(f) for f in engine.body if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))}
     init = next(f for f in engine.body if isinstance(f, ast.FunctionDef) and f.name == "__init__")
     attributes = _self_attributes(init)
     server_args = {name for path, text in source.items() if path.startswith(SERVER_ARG_FIELDS)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ibtpo_fast.integrations.slime import SLIME_COMMIT
+from ibtpo_fast.source_ast import params
 
 API_FILE = Path(__file__).with_name("slime_api.json")
 TYPES_FILE = "slime/utils/types.py"
@@ -50,11 +51,6 @@ def _named(body: list[ast.stmt], name: str) -> ast.FunctionDef | ast.AsyncFuncti
     return found[0]
 
 
-def _params(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> list[str]:
-    a = fn.args
-    return [x.arg for x in a.posonlyargs + a.args + a.kwonlyargs if x.arg != "self"] + (["**"] if a.kwarg else [])
-
-
 def _dataclass(cls: ast.ClassDef) -> dict[str, Any]:
     """Field -> its default as source text (None: no default), and nested classes by name."""
     fields = {s.target.id: (ast.unparse(s.value) if s.value is not None else None)
@@ -75,7 +71,7 @@ def _function(tree: ast.Module, dotted: str) -> dict[str, Any]:
     node: Any = tree
     for part in dotted.split("."):
         node = _named(node.body, part)
-    return {"params": _params(node), "async": isinstance(node, ast.AsyncFunctionDef)}
+    return {"params": params(node), "async": isinstance(node, ast.AsyncFunctionDef)}
 
 
 def _advantage_call(tree: ast.Module) -> list[str]:
