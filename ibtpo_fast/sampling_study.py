@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from ibtpo_fast.errors import DataError
+
 PAPER_LAMBDA = 0.1
 G8, G12, RANDOM = "independent G=8", "independent G=12", "random tree (4,9,1,1)"
 BASELINES = {
@@ -268,15 +270,18 @@ def select(files: Sequence[Path]) -> str:
     the fewest changed choices, then the lowest mean tokens against G=8."""
     runs: dict[str, dict[str, Any]] = {}
     for path in files:  # each file is named by the task its arms sampled
-        data = json.loads(Path(path).read_text())
-        task = data["arms"][G8]["config"]["data"]["task"]
+        try:
+            data = json.loads(Path(path).read_text())
+            task = data["arms"][G8]["config"]["data"]["task"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise DataError(f"--select: {path} is not a sampling.json of `study --sampling` ({type(e).__name__}: {e})") from e
         if task in runs:
-            raise ValueError(f"--select: two files sample {task!r}; give one file per workload")
+            raise DataError(f"--select: two files sample {task!r}; give one file per workload")
         runs[task] = data
     first = next(iter(runs.values()))["arms"]
     names = [n for n in first if n not in BASELINES and all(n in d["arms"] for d in runs.values())]
     if not names:
-        raise ValueError("--select: the files share no candidate (run --sampling N --candidates on each workload)")
+        raise DataError("--select: the files share no candidate (run --sampling N --candidates on each workload)")
     rows = []
     for name in names:
         per, total = [], 0.0

