@@ -181,13 +181,16 @@ def _solve(question: str) -> int:
 
 
 def test_word_problems_are_right_distinct_and_split_by_question():
-    train, test = word_problems.prompt_rows("train", 400), word_problems.prompt_rows("test", 100)
+    train, test = word_problems.prompt_rows("train", 10**6), word_problems.prompt_rows("test", 10**6)
+    assert (len(train), len(test)) == (1745, 431)  # a request beyond the pool gets the whole split
     questions = [r.prompt[0]["content"] for r in train + test]
     assert len(set(questions)) == len(questions)
+    assert all(q.endswith(" " + word_problems.INSTRUCTION) for q in questions)
     assert all(int(r.ground_truth) == _solve(r.prompt[0]["content"]) >= 0 for r in train + test)
-    steps = Counter(len(re.findall(r"gets|gives away", q)) for q in questions)
-    assert set(steps) == {1, 2} and min(steps.values()) > 100  # one- and two-step problems, both common
+    verbs = Counter(tuple(re.findall(r"gets|gives away", q)) for q in questions)
+    assert set(verbs) == {("gets",), ("gives away",)} and min(verbs.values()) > 800  # one step, both kinds
     assert word_problems.prompt_rows("train", 5) == train[:5]  # a fixed order
+    assert word_problems.prompt_rows("train", 5, seed=1) != train[:5]
 
 
 def test_word_problems_grade_the_last_number():
