@@ -48,6 +48,7 @@ REDUCTIONS: dict[str, Reduction] = {
     "tree/trajectories_per_1k_tokens": RATIO,
     "tree/unique_token_ratio": RATIO,
     "tree/eff_rate": RATIO,
+    "tree/flat_share": RATIO,
     "tree/root_pick_share": RATIO,
     "tree/pick_prefix_share": QUOTIENT,
     "ib/score_mean": RATIO,

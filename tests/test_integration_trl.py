@@ -21,6 +21,7 @@ import ibtpo_fast.integrations.trl as adapter
 from ibtpo_fast import walk
 from ibtpo_fast.integrations.trl import IBTPOConfig, IBTPOTrainer, check_generation_backend
 from ibtpo_fast.leaf_batch import leaf_batch
+from ibtpo_fast.metrics import reduce_parts
 from ibtpo_fast.tasks import STEP_DELIMITER, compute_score, make_split, tiny_model_path
 
 
@@ -184,8 +185,12 @@ def test_two_processes_each_grow_the_trees_of_their_own_prompts(tmp_path):
         assert len(step0["prompts"]) == len(step1["prompts"]) == 1  # 6 rows a rank: one tree of 6 leaves
         assert step0["prompts"] != step1["prompts"]
     assert ranks[0]["checksum"] == ranks[1]["checksum"] != ranks[0]["before"]
-    mean = [(a["generated_tokens"] + b["generated_tokens"]) / 2 for a, b in zip(*(rank["steps"] for rank in ranks))]
-    assert ranks[0]["logged"] == pytest.approx(mean)  # tree metrics are every process's, not rank 0's
+    for logged, step0, step1 in zip(ranks[0]["logged"], ranks[0]["steps"], ranks[1]["steps"]):
+        # tree metrics are every process's, reduced exactly: a ratio of totals, not a mean of the ranks' ratios
+        both = reduce_parts([{k: tuple(v) for k, v in step["parts"].items()} for step in (step0, step1)])
+        assert logged == pytest.approx(both)
+        assert logged["tree/generated_tokens"] == pytest.approx(
+            (step0["parts"]["tree/generated_tokens"][0] + step1["parts"]["tree/generated_tokens"][0]) / 2)
 
 
 def test_a_tree_short_of_leaves_is_refused_with_the_adapters_message(tmp_path):

@@ -13,6 +13,7 @@ from test_integration_trl import Recording, config, correct, dataset, rows_by_co
 from ibtpo_fast import walk
 from ibtpo_fast.leaf_batch import leaf_batch
 
+LOGGED = ("tree/generated_tokens", "tree/trajectories_per_1k_tokens", "rollout/prefix_cache_hit_rate")
 out = Path(sys.argv[1])
 model, tok = tiny()
 before = [float(p.double().sum()) for p in model.parameters()]
@@ -26,8 +27,8 @@ for rollout, got in zip(trainer.rollouts, trainer.loss_inputs):
     mine = rows_by_content(ref.prompt_ids, ref.prompt_mask, ref.response_ids, ref.response_mask, ref.advantages)
     steps.append({"prompts": [forest.node_tokens(r).tolist() for r in forest.roots],
                   "advantages_are_the_walks": rows_by_content(**got) == mine,
-                  "generated_tokens": rollout.metrics["tree/generated_tokens"]})
-logged = [entry["tree/generated_tokens"] for entry in trainer.state.log_history if "tree/generated_tokens" in entry]
+                  "parts": {k: rollout.parts[k] for k in LOGGED}})
+logged = [{k: entry[k] for k in LOGGED} for entry in trainer.state.log_history if LOGGED[0] in entry]
 checksum = [float(p.double().sum()) for p in model.parameters()]
 record = {"steps": steps, "logged": logged, "before": before, "checksum": checksum}
 (out / f"rank{os.environ.get('RANK', '0')}.json").write_text(json.dumps(record))

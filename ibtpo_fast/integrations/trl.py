@@ -35,6 +35,7 @@ from ibtpo_fast.engines.torch_engine import TorchEngine
 from ibtpo_fast.errors import MissingExtraError
 from ibtpo_fast.forest import Forest
 from ibtpo_fast.leaf_batch import LeafBatch, check_leaves_per_tree, leaf_batch
+from ibtpo_fast.metrics import Parts, reduce_parts
 from ibtpo_fast.sampler import SCHEDULES, IBTreeSampler, Rollout, SamplerConfig, check_tree
 from ibtpo_fast.walk import walk
 
@@ -174,7 +175,7 @@ class IBTPOTrainer(GRPOTrainer):
         self._leaves = leaves = leaf_batch(forest, result, self._tokenizer.pad_token_id, self.last_rollout.finish_reason)
         check_leaves_per_tree(leaves, len(firsts), G, expected=f"num_generations = {G}", limit="max_completion_length",
                               setting="tree")
-        self._log_tree_metrics({**self.last_rollout.metrics, "tree/flat_share": self._flat_share(forest)})
+        self._log_tree_metrics({**self.last_rollout.parts, "tree/flat_share": self._flat_share(forest)})
         lengths = leaves.response_lengths.tolist()
         return ([leaves.response_list(i) for i in range(len(leaves))],
                 [leaves.rollout_logprobs[i, :n].tolist() for i, n in enumerate(lengths)])
@@ -270,9 +271,10 @@ class IBTPOTrainer(GRPOTrainer):
             log.pop()
         log.extend(logged)
 
-    def _flat_share(self, forest: Forest) -> float:
-        """The share of trees whose every response is one step: branching then only resamples from the prompt.
-        Warns once when a whole generation is flat, which means the step delimiter never appears."""
+    def _flat_share(self, forest: Forest) -> Parts:
+        """The share of trees whose every response is one step, as (flat trees, trees): branching then only
+        resamples from the prompt. Warns once when a whole generation is flat, which means the step delimiter
+        never appears."""
         deep = np.bincount(forest.tree[forest.depth() > 1], minlength=forest.num_trees) > 0
         share = 1.0 - float(deep.mean())
         spec = check_tree(self.args.branch_strategy, self.args.tree)
@@ -282,14 +284,17 @@ class IBTPOTrainer(GRPOTrainer):
                           f"shorter than min_step_tokens={self.args.min_step_tokens} merge): every tree is flat, so it "
                           f"branches only from the prompt, which is independent sampling. Set step_delimiter to text "
                           f"the responses contain; tree/flat_share tracks this", RuntimeWarning, stacklevel=2)
-        return share
+        return float(len(deep) - deep.sum()), float(len(deep))
 
-    def _log_tree_metrics(self, metrics: dict[str, float]) -> None:
-        """The mean over processes of each tree metric (every process grows trees of its own prompts)."""
+    def _log_tree_metrics(self, parts: dict[str, Parts]) -> None:
+        """Each tree metric over every process's trees, reduced from its parts (each process grows the trees
+        of its own prompts, in numbers and sizes that differ, so a mean of the processes' values would not do)."""
+        from accelerate.utils import gather_object
+
         keys = ("tree/generated_tokens", "tree/eff_rate", "tree/trajectories_per_1k_tokens", "tree/flat_share",
                 "rollout/prefix_cache_hit_rate")
-        local = torch.tensor([[metrics[k] for k in keys]], dtype=torch.float64, device=self.accelerator.device)
-        for key, value in zip(keys, self.accelerator.gather(local).mean(0).tolist()):
+        local = {k: parts[k] for k in keys}
+        for key, value in reduce_parts(gather_object([local])).items():
             self._metrics["train"][key].append(value)
 
 
