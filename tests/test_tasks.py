@@ -182,11 +182,12 @@ def _solve(question: str) -> int:
 
 def test_word_problems_are_right_distinct_and_split_by_question():
     train, test = word_problems.prompt_rows("train", 10**6), word_problems.prompt_rows("test", 10**6)
-    assert (len(train), len(test)) == (1745, 431)  # a request beyond the pool gets the whole split
-    questions = [r.prompt[0]["content"] for r in train + test]
-    assert len(set(questions)) == len(questions)
-    assert all(q.endswith(" " + word_problems.INSTRUCTION) for q in questions)
-    assert all(int(r.ground_truth) == _solve(r.prompt[0]["content"]) >= 0 for r in train + test)
+    assert (len(train), len(test)) == (1744, 431)  # a request beyond the pool gets the whole split
+    questions = [r.prompt[-1]["content"] for r in train + test]
+    assert len(set(questions)) == len(questions) and word_problems.EXAMPLE[0] not in questions
+    example = [{"role": "user", "content": word_problems.EXAMPLE[0]}, {"role": "assistant", "content": word_problems.EXAMPLE[1]}]
+    assert all(r.prompt[:2] == example for r in train + test)  # the worked example comes first
+    assert all(int(r.ground_truth) == _solve(r.prompt[-1]["content"]) >= 0 for r in train + test)
     verbs = Counter(tuple(re.findall(r"gets|gives away", q)) for q in questions)
     assert set(verbs) == {("gets",), ("gives away",)} and min(verbs.values()) > 800  # one step, both kinds
     assert word_problems.prompt_rows("train", 5) == train[:5]  # a fixed order
