@@ -141,6 +141,7 @@ class Config:
 PRESETS: dict[str, dict[str, Any]] = {
     "ibtpo": {},
     "grpo": {"rollout.strategy": "independent", "rollout.tree": "8,1,1,1", "algo.lam": 0.0},
+    "grpo_g12": {"rollout.strategy": "independent", "rollout.tree": "12,1,1,1", "algo.lam": 0.0},  # IBTree's 12 trajectories
     "grpo_clip_higher": {"rollout.strategy": "independent", "rollout.tree": "8,1,1,1", "algo.lam": 0.0,
                          "algo.clip_high": 0.28},
     "grpo_entropy": {"rollout.strategy": "independent", "rollout.tree": "8,1,1,1", "algo.lam": 0.0,

@@ -18,7 +18,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - comb(n - c, k) / comb(n, k)
 
 
-def evaluate(
+def sample_scores(
     engine: Engine,
     tokenizer: Any,
     prompts: Sequence[Sequence[int]],
@@ -31,8 +31,8 @@ def evaluate(
     stop_token_ids: Sequence[int] = (),
     seed: int = 0,
     first_index: int = 0,
-) -> dict[str, float]:
-    """Sample k responses per prompt; score them; report `val-core/<source>/acc/mean@k` and pass@k.
+) -> np.ndarray:
+    """Sample k responses per prompt and score them: [problems, k], truncated responses 0.
     `first_index` is the position of `prompts[0]` in the whole set: a problem's samples draw the same
     seeds whichever share of the set (one rank's) it is evaluated in."""
     requests = [
@@ -46,16 +46,33 @@ def evaluate(
     scores = np.asarray(scorer([r.data_source for r in expand], texts, [r.ground_truth for r in expand],
                                [r.extra_info for r in expand]), np.float64)
     scores[[c.finish_reason == "length" for c in completions]] = 0.0  # truncated responses score 0
-    per_source: dict[str, list[np.ndarray]] = defaultdict(list)
-    for i, row in enumerate(rows):
-        per_source[row.data_source].append(scores[i * k : (i + 1) * k])
+    return scores.reshape(len(prompts), k)
+
+
+def summarise(scores: np.ndarray, rows: Sequence[Any]) -> dict[str, float]:
+    """`val-core/<source>/acc/mean@k`, pass@k and pass@1 of scores [problems, k]."""
+    k = scores.shape[1]
     out = {}
-    for source, groups in per_source.items():
-        g = np.stack(groups)
+    for source in dict.fromkeys(r.data_source for r in rows):
+        g = scores[[r.data_source == source for r in rows]]
+        correct = (g > 0.5).sum(1)
         out[f"val-core/{source}/acc/mean@{k}"] = float(g.mean())
-        out[f"val-core/{source}/acc/pass@{k}"] = float(np.mean([pass_at_k(k, int((x > 0.5).sum()), k) for x in g]))
-        out[f"val-core/{source}/acc/pass@1"] = float(np.mean([pass_at_k(k, int((x > 0.5).sum()), 1) for x in g]))
+        out[f"val-core/{source}/acc/pass@{k}"] = float(np.mean([pass_at_k(k, int(c), k) for c in correct]))
+        out[f"val-core/{source}/acc/pass@1"] = float(np.mean([pass_at_k(k, int(c), 1) for c in correct]))
     return out
+
+
+def evaluate(engine: Engine, tokenizer: Any, prompts: Sequence[Sequence[int]], rows: Sequence[Any], scorer: Any,
+             **kwargs: Any) -> dict[str, float]:
+    """Sample k responses per prompt; score them; report `val-core/<source>/acc/mean@k` and pass@k
+    (the keywords are `sample_scores`')."""
+    return summarise(sample_scores(engine, tokenizer, prompts, rows, scorer, **kwargs), rows)
+
+
+def correct_counts(scores: np.ndarray) -> list[int]:
+    """Correct samples per problem of scores [problems, k]: what a report needs to re-score any share
+    of an evaluation's problems."""
+    return [int(c) for c in (scores > 0.5).sum(1)]
 
 
 def merge_shares(shares: Sequence[tuple[dict[str, float], dict[str, int]]]) -> dict[str, float]:

@@ -3,7 +3,8 @@
 `metrics.jsonl` holds one JSON object per logged step, `{"step": N, "<metric>": value, ...}`;
 non-finite values are written as null so every line stays valid JSON. Each line is appended, flushed
 and fsynced as it is logged, so a step's record is on disk before its checkpoint; a last line cut
-short by a crash is skipped by `read_metrics` and dropped when the run resumes.
+short by a crash is skipped by `read_metrics` and dropped when the run resumes. `evals.jsonl` holds,
+per held-out evaluation, `{"step": N, "correct": [...]}`: each problem's count of correct samples.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ ACC_PATTERN = "val-core/*/acc/mean@*"
 ENTROPY = "actor/entropy"
 TOKENS_PER_S = "perf/tokens_per_s"
 PROGRESS_MODES = ("auto", "on", "off")  # auto: a bar when stderr is a terminal
+EVALS_FILE = "evals.jsonl"
 
 
 def read_metrics(metrics_jsonl: Path) -> list[dict]:
@@ -68,6 +70,9 @@ class SilentLogger:
     def log(self, step: int, metrics: dict[str, float]) -> None:
         pass
 
+    def log_eval(self, step: int, correct: list[int]) -> None:
+        pass
+
     def print(self, msg: str) -> None:
         pass
 
@@ -107,20 +112,24 @@ class RunLogger:
         self.total_steps = total_steps
         self._tb = self._open_tensorboard() if tensorboard else None
         self._wandb = self._open_wandb(config) if wandb else None
-        self._keep_history(start_step)
+        self.evals_path = self.run_dir / EVALS_FILE
+        for path in (self.path, self.evals_path):
+            self._keep_history(path, start_step)
         self._file = self.path.open("a", encoding="utf-8")
+        self._evals = self.evals_path.open("a", encoding="utf-8")
         show = sys.stderr.isatty() if progress == "auto" else progress == "on"
         self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, file=sys.stderr) if show else None
         self._last: dict[str, str] = {}
         self._postfix: dict[str, str] = {}
 
-    def _keep_history(self, start_step: int) -> None:
-        kept = [r for r in read_metrics(self.path) if start_step > 0 and r.get("step", 0) <= start_step] if self.path.exists() else []
-        tmp = self.path.with_suffix(".jsonl.tmp")
+    @staticmethod
+    def _keep_history(path: Path, start_step: int) -> None:
+        kept = [r for r in read_metrics(path) if start_step > 0 and r.get("step", 0) <= start_step] if path.exists() else []
+        tmp = path.with_suffix(".jsonl.tmp")
         with tmp.open("w", encoding="utf-8") as f:
             f.write("".join(json.dumps(r) + "\n" for r in kept))
             _sync(f)
-        os.replace(tmp, self.path)
+        os.replace(tmp, path)
 
     def _open_tensorboard(self):
         try:
@@ -154,6 +163,11 @@ class RunLogger:
         else:
             print(f"step {step}/{self.total_steps} " + " ".join(f"{k}={v}" for k, v in self._postfix.items()), flush=True)
 
+    def log_eval(self, step: int, correct: list[int]) -> None:
+        """An evaluation's correct samples per held-out problem, to `evals.jsonl`."""
+        self._evals.write(json.dumps({"step": step, "correct": correct}) + "\n")
+        _sync(self._evals)
+
     def _update_summary(self, record: dict) -> None:
         # keep the last value of each shown metric: validation runs only every few steps
         accs = [v for k, v in record.items() if fnmatch.fnmatchcase(k, ACC_PATTERN) and v is not None]
@@ -182,6 +196,7 @@ class RunLogger:
             self._wandb.finish()
             self._wandb = None
         self._file.close()
+        self._evals.close()
 
     def __enter__(self) -> RunLogger:
         return self

@@ -1,202 +1,132 @@
-"""`python -m ibtpo_fast.study --presets ibtpo,grpo --seeds 8 [--out runs/study] [-- key=value ...]`
+"""`python -m ibtpo_fast.study --presets ibtpo,grpo --seeds 8 [--first-seed N] [--timing] [--out DIR] [-- key=value ...]`
 
 Trains every preset x seed on the same prompts (`train.seed` = `data.seed` = the seed), each run a
 `python -m ibtpo_fast.train` process (several at once where the machine has cores; an interrupted
-study resumes where each run stopped), then compares the presets at fixed steps and at fixed
-generated-token budgets: mean and standard deviation over seeds, and each preset's paired difference
-from the baseline with a 95% confidence interval. Writes `results.md` and `plots/*.png` in `--out`.
-The protocol this implements is docs/study.md.
+study resumes where each run stopped, and refuses a run that other code or another config began).
+`--timing` then runs each preset's first seed again, alone, for training times free of neighbours.
+Writes `runs.json` (every run's commit, config, training figures and per-problem evaluations), and
+from it `results.md` and `plots/*.png` in `--out`: the presets at equal steps, generated tokens and
+training time, and the first preset's paired differences from each other one
+(`python -m ibtpo_fast.study --report DIR/runs.json` regenerates them). The protocol this
+implements is docs/study.md.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import yaml
 
-from ibtpo_fast import sampling_study
+from ibtpo_fast import sampling_study, study_report
 from ibtpo_fast.config import PRESETS
-from ibtpo_fast.errors import user_errors_end_cleanly
-from ibtpo_fast.runlog import read_metrics
+from ibtpo_fast.errors import UserError, user_errors_end_cleanly
+from ibtpo_fast.provenance import provenance
+from ibtpo_fast.runlog import EVALS_FILE, read_metrics
+from ibtpo_fast.study_report import STEP_SERIES
 
-TOKEN_FRACTIONS = (0.25, 0.5, 0.75, 1.0)  # checkpoints, as shares of the smallest final token count of any run
-# Two-sided 95% quantiles of Student's t by degrees of freedom (the normal's beyond the table).
-_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-        11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 20: 2.086, 25: 2.060, 30: 2.042}
-
-
-@dataclass
-class Run:
-    preset: str
-    seed: int
-    records: list[dict]
-    batch_size: int
-
-    @property
-    def evals(self) -> list[dict]:
-        return [r for r in self.records if any(k.startswith("val-core/") for k in r)]
-
-    def curve(self, metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(steps, generated tokens so far, training seconds so far, metric) at each evaluation."""
-        train = [r for r in self.records if r["step"] > 0]
-        tokens = np.cumsum([0.0] + [r["tree/generated_tokens"] * self.batch_size for r in train])
-        seconds = np.cumsum([0.0] + [r.get("timing/step", 0.0) for r in train])
-        steps = np.array([r["step"] for r in self.evals])
-        return steps, tokens[steps], seconds[steps], np.array([r[metric] for r in self.evals])
+RUN_RECORD = "study_run.json"  # in each run's directory: the code and config it was begun with
 
 
 def run_dir(out: Path, preset: str, seed: int) -> Path:
     return out / "runs" / f"{preset}-seed{seed}"
 
 
-def train_args(out: Path, preset: str, seed: int, overrides: Sequence[str]) -> list[str]:
-    return [f"preset={preset}", f"train.seed={seed}", f"data.seed={seed}", f"run.out_dir={out / 'runs'}",
-            f"run.name={preset}-seed{seed}", "run.progress=off", *overrides]
+def timing_dir(out: Path, preset: str, seed: int) -> Path:
+    return out / "timing" / f"{preset}-seed{seed}"
+
+
+def train_args(path: Path, preset: str, seed: int, overrides: Sequence[str]) -> list[str]:
+    return [f"preset={preset}", f"train.seed={seed}", f"data.seed={seed}", f"run.out_dir={path.parent}",
+            f"run.name={path.name}", "run.progress=off", *overrides]
 
 
 def is_finished(path: Path, steps: int) -> bool:
     metrics = path / "metrics.jsonl"
-    return metrics.is_file() and any(r.get("step") == steps and any(k.startswith("val-core/") for k in r)
-                                     for r in read_metrics(metrics))
+    return metrics.is_file() and any(r.get("step") == steps for r in read_metrics(metrics))
 
 
-def launch(out: Path, preset: str, seed: int, overrides: Sequence[str], threads: int) -> None:
-    """One training run, resumed from its last checkpoint if it was cut short; its output in `train.log`."""
-    path = run_dir(out, preset, seed)
+def check_provenance(path: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """The run's record of what it runs (code and config), written before its first start; a run begun
+    by other code or with another config is refused, whether finished or not."""
+    record_path = path / RUN_RECORD
+    want = {**provenance(), "config": config}
+    if record_path.is_file():
+        have = json.loads(record_path.read_text())
+        changed = [key for key in ("code", "config") if have.get(key) != want[key]]
+        if changed:
+            detail = _config_difference(have.get("config") or {}, config) if "config" in changed else ""
+            raise UserError(f"{path} holds a run made with another {' and '.join(changed)}{detail} "
+                            f"(recorded at commit {have.get('commit') or 'unknown'}); use another --out, "
+                            "or delete that run to start it again")
+        return have
     path.mkdir(parents=True, exist_ok=True)
+    record_path.write_text(json.dumps(want, indent=1))
+    return want
+
+
+def _config_difference(have: dict[str, Any], want: dict[str, Any], prefix: str = "") -> str:
+    for key in sorted(set(have) | set(want)):
+        a, b = have.get(key), want.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            inner = _config_difference(a, b, f"{prefix}{key}.")
+            if inner:
+                return inner
+        elif a != b:
+            return f" ({prefix}{key}: {a!r} there, {b!r} asked)"
+    return ""
+
+
+def launch(path: Path, preset: str, seed: int, overrides: Sequence[str], threads: int) -> None:
+    """One training run, resumed from its last checkpoint if it was cut short; its output in `train.log`."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     with (path / "train.log").open("a") as log:
-        proc = subprocess.run([sys.executable, "-m", "ibtpo_fast.train", *train_args(out, preset, seed, overrides)],
+        proc = subprocess.run([sys.executable, "-m", "ibtpo_fast.train", *train_args(path, preset, seed, overrides)],
                               stdout=log, stderr=subprocess.STDOUT, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"run {preset} seed {seed} failed (exit {proc.returncode}); see {path / 'train.log'}")
 
 
-def load_run(out: Path, preset: str, seed: int) -> Run:
-    path = run_dir(out, preset, seed)
-    config = yaml.safe_load((path / "config.yaml").read_text())
-    return Run(preset, seed, read_metrics(path / "metrics.jsonl"), int(config["data"]["batch_size"]))
+# ---------------------------------------------------------------- runs.json
 
 
-# ---------------------------------------------------------------- statistics
+def run_entry(path: Path, preset: str, seed: int, timing: list[float] | None) -> dict[str, Any]:
+    """A finished run as runs.json keeps it. Training seconds are the timing pass's (`timing`: its
+    `timing/step` by step) when there is one, the run's own besides."""
+    record = json.loads((path / RUN_RECORD).read_text())
+    records = read_metrics(path / "metrics.jsonl")
+    train = [r for r in records if r["step"] > 0]
+    batch = int(record["config"]["data"]["batch_size"])
+    tokens = np.cumsum([0.0] + [r["tree/generated_tokens"] * batch for r in train])
+    own = np.cumsum([0.0] + [r.get("timing/step", 0.0) for r in train])
+    seconds = np.cumsum([0.0] + list(timing)) if timing is not None else own
+    correct = {e["step"]: e["correct"] for e in read_metrics(path / EVALS_FILE)}
+    evals = [{"step": r["step"], "tokens": float(tokens[r["step"]]), "seconds": float(seconds[r["step"]]),
+              "seconds_own": float(own[r["step"]]), "metrics": {k: v for k, v in r.items() if k.startswith("val-core/")},
+              "correct": correct[r["step"]]}
+             for r in records if any(k.startswith("val-core/") for k in r)]
+    return {"preset": preset, "seed": seed, **record, "evals": evals,
+            "steps": {key: [r.get(key) for r in train] for key in STEP_SERIES}}
 
 
-def t95(df: int) -> float:
-    if df < 1:
-        return float("nan")
-    known = [d for d in _T95 if d <= df]
-    return _T95[max(known)] if df <= 30 else 1.96
+def timing_of(path: Path) -> list[float]:
+    return [r["timing/step"] for r in read_metrics(path / "metrics.jsonl") if r["step"] > 0]
 
 
-def mean_sd(x: Sequence[float]) -> tuple[float, float]:
-    x = np.asarray(x, np.float64)
-    return float(x.mean()), float(x.std(ddof=1)) if len(x) > 1 else float("nan")
-
-
-def paired(a: Sequence[float], b: Sequence[float]) -> tuple[float, float, float]:
-    """Mean of a - b over seeds and its 95% confidence interval (Student's t)."""
-    d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
-    m, sd = mean_sd(d)
-    half = t95(len(d) - 1) * sd / math.sqrt(len(d)) if len(d) > 1 else float("nan")
-    return m, m - half, m + half
-
-
-def at_tokens(run: Run, metric: str, budget: float) -> float:
-    """The metric at `budget` generated tokens, interpolated linearly between evaluations."""
-    _, tokens, _, values = run.curve(metric)
-    return float(np.interp(budget, tokens, values))
-
-
-# ---------------------------------------------------------------- report
-
-
-def accuracy_key(runs: list[Run]) -> str:
-    keys = sorted(k for k in runs[0].evals[-1] if k.startswith("val-core/") and "/acc/mean@" in k)
-    if not keys:
-        raise ValueError(f"run {runs[0].preset} seed {runs[0].seed} has no held-out accuracy")
-    return keys[0]
-
-
-def report(by_preset: dict[str, list[Run]], baseline: str) -> str:
-    runs = [r for rs in by_preset.values() for r in rs]
-    acc = accuracy_key(runs)
-    pass_key = acc.replace("/acc/mean@", "/acc/pass@")
-    smallest = min(r.curve(acc)[1][-1] for r in runs)
-    budgets = [f * smallest for f in TOKEN_FRACTIONS]
-    steps = [int(s) for s in runs[0].curve(acc)[0]]
-    pct = lambda m, s: f"{100 * m:.1f} ± {100 * s:.1f}"  # noqa: E731
-    lines = [f"Held-out `{acc}` in %, mean ± sd over seeds; `{pass_key}` at the last step.", "",
-             "| preset | seeds | " + " | ".join(f"step {s}" for s in steps) + " | pass@k | tokens per tree | "
-             "effective trees | training s |",
-             "|---" * (len(steps) + 6) + "|"]
-    for preset, rs in by_preset.items():
-        cells = [pct(*mean_sd([r.curve(acc)[3][i] for r in rs])) for i in range(len(steps))]
-        tokens = mean_sd([sum(x["tree/generated_tokens"] for x in r.records if x["step"] > 0) for r in rs])[0]
-        eff = mean_sd([np.mean([x["tree/eff_rate"] for x in r.records if x["step"] > 0]) for r in rs])[0]
-        wall = mean_sd([r.curve(acc)[2][-1] for r in rs])[0]
-        lines.append(f"| {preset} | {len(rs)} | " + " | ".join(cells) +
-                     f" | {pct(*mean_sd([r.evals[-1][pass_key] for r in rs]))} | {tokens:,.0f} | {eff:.2f} | {wall:.0f} |")
-    lines += ["", "At equal generated tokens (each run's total so far; the budgets are shares of the smallest run's "
-              "total, accuracy interpolated between evaluations):", "",
-              "| preset | " + " | ".join(f"{b:,.0f} tokens" for b in budgets) + " |", "|---" * (len(budgets) + 1) + "|"]
-    for preset, rs in by_preset.items():
-        lines.append(f"| {preset} | " + " | ".join(pct(*mean_sd([at_tokens(r, acc, b) for r in rs])) for b in budgets) + " |")
-    lines += ["", f"Paired differences from `{baseline}` over the seeds both ran (points, 95% CI):", "",
-              "| preset | last step | at the largest common token budget |", "|---|---|---|"]
-    base = {r.seed: r for r in by_preset[baseline]}
-    for preset, rs in by_preset.items():
-        if preset == baseline:
-            continue
-        both = [r for r in rs if r.seed in base]
-        last = paired([r.curve(acc)[3][-1] for r in both], [base[r.seed].curve(acc)[3][-1] for r in both])
-        budget = paired([at_tokens(r, acc, budgets[-1]) for r in both], [at_tokens(base[r.seed], acc, budgets[-1]) for r in both])
-        fmt = lambda p: f"{100 * p[0]:+.1f} [{100 * p[1]:+.1f}, {100 * p[2]:+.1f}]"  # noqa: E731
-        lines.append(f"| {preset} | {fmt(last)} | {fmt(budget)} |")
-    return "\n".join(lines) + "\n"
-
-
-def plot(by_preset: dict[str, list[Run]], out_dir: Path) -> list[Path]:
-    """Accuracy against generated tokens and training time (mean over seeds, band: min to max), and
-    the training dynamics: effective-tree share, mean IB-Score and Cov(eta1, eta2) by step."""
-    from matplotlib.figure import Figure
-
-    acc = accuracy_key([r for rs in by_preset.values() for r in rs])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name, index, label in (("accuracy_vs_tokens.png", 1, "generated tokens"), ("accuracy_vs_time.png", 2, "training seconds")):
-        fig = Figure(figsize=(7, 4), layout="constrained")
-        ax = fig.subplots()
-        for preset, rs in by_preset.items():
-            grid = np.linspace(0, min(r.curve(acc)[index][-1] for r in rs), 50)
-            ys = np.stack([np.interp(grid, r.curve(acc)[index], r.curve(acc)[3]) for r in rs])
-            ax.plot(grid, 100 * ys.mean(0), label=f"{preset} ({len(rs)} seeds)")
-            ax.fill_between(grid, 100 * ys.min(0), 100 * ys.max(0), alpha=0.2)
-        ax.set(xlabel=label, ylabel=f"{acc} (%)")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.savefig(out_dir / name, dpi=100)
-        written.append(out_dir / name)
-    fig = Figure(figsize=(7, 8), layout="constrained")
-    for ax, metric in zip(fig.subplots(3, 1, sharex=True), ("tree/eff_rate", "ib/score_mean", "ib/cov_eta")):
-        for preset, rs in by_preset.items():
-            steps = [x["step"] for x in rs[0].records if x["step"] > 0 and metric in x]
-            ys = np.array([[x.get(metric) for x in r.records if x["step"] > 0 and metric in x] for r in rs], float)
-            ax.plot(steps, np.nanmean(ys, 0), label=preset)
-        ax.set(ylabel=metric)
-        ax.grid(alpha=0.3)
-    ax.set(xlabel="step")
-    ax.legend()
-    fig.savefig(out_dir / "training_dynamics.png", dpi=100)
-    return [*written, out_dir / "training_dynamics.png"]
+def write_report(runs_json: Path) -> str:
+    """results.md and plots/ beside `runs_json`, from it alone."""
+    data = json.loads(runs_json.read_text())
+    groups = study_report.by_preset(data)
+    text = f"`{data['command']}`\n\n{study_report.report(groups)}"
+    (runs_json.parent / "results.md").write_text(text)
+    study_report.plot(groups, runs_json.parent / "plots")
+    return text
 
 
 # ---------------------------------------------------------------- command
@@ -207,8 +137,12 @@ def _args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
     overrides = argv[argv.index("--") + 1 :] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
     ap = argparse.ArgumentParser(prog="python -m ibtpo_fast.study", description=__doc__.splitlines()[2])
-    ap.add_argument("--presets", default="ibtpo,grpo", help="comma-separated presets; the last is the baseline")
-    ap.add_argument("--seeds", type=int, default=8, help="seeds 0 .. N-1 per preset")
+    ap.add_argument("--presets", default="ibtpo,grpo", help="comma-separated presets; the first is compared with each other")
+    ap.add_argument("--seeds", type=int, default=8, help="seeds per preset: FIRST_SEED .. FIRST_SEED + N - 1")
+    ap.add_argument("--first-seed", type=int, default=0)
+    ap.add_argument("--timing", action="store_true",
+                    help="after the runs, each preset's first seed again, alone: the training times the report uses")
+    ap.add_argument("--report", metavar="RUNS_JSON", help="instead of training: results.md and plots/ from a runs.json")
     ap.add_argument("--out", default="runs/study")
     ap.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 1) // 2), help="runs at once")
     ap.add_argument("--sampling", type=int, default=0, metavar="N",
@@ -225,8 +159,8 @@ def _args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
     unknown = [p for p in presets if p not in PRESETS]
     if unknown or not presets:
         ap.error(f"--presets: unknown {unknown}; choose from {', '.join(PRESETS)}")
-    if args.seeds < 1 or args.jobs < 1 or args.sampling < 0:
-        ap.error("--seeds and --jobs must be >= 1, --sampling >= 0")
+    if args.seeds < 1 or args.jobs < 1 or args.sampling < 0 or args.first_seed < 0:
+        ap.error("--seeds and --jobs must be >= 1, --sampling and --first-seed >= 0")
     args.presets = presets
     return args, overrides
 
@@ -247,26 +181,51 @@ def main(argv: Sequence[str] | None = None) -> int:
         (out / "sampling.json").write_text(json.dumps(data, indent=1))
         sampling_study.plot_pick_depth(data, out / "pick_depth.png")
         return _write(out / "sampling.md", command, sampling_study.table(data))
-    from ibtpo_fast.config import load_config  # a bad override fails here, before any run starts
-
+    if args.report:
+        with user_errors_end_cleanly():
+            print(write_report(Path(args.report)))
+        return 0
     with user_errors_end_cleanly():
-        configs = [load_config([f"preset={p}", *overrides]) for p in args.presets]
-    steps = configs[0].train.steps
-    todo = [(p, s) for p in args.presets for s in range(args.seeds) if not is_finished(run_dir(out, p, s), steps)]
+        return train_study(args, overrides, out, command)
+
+
+def train_study(args: argparse.Namespace, overrides: list[str], out: Path, command: str) -> int:
+    """The study's runs (resumed where they stopped), its timing pass, runs.json and the report."""
+    from ibtpo_fast.config import load_config, to_dict  # a bad override fails here, before any run starts
+
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    configs = {(p, s): to_dict(load_config(train_args(run_dir(out, p, s), p, s, overrides)))
+               for p in args.presets for s in seeds}
+    steps = next(iter(configs.values()))["train"]["steps"]
+    for (p, s), config in configs.items():  # all refusals before anything runs
+        check_provenance(run_dir(out, p, s), config)
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
-    with ThreadPoolExecutor(args.jobs) as pool:
-        failed = [str(e) for e in (f.exception() for f in [pool.submit(launch, out, p, s, overrides, threads)
-                                                         for p, s in todo]) if e is not None]
-    if failed:  # the finished runs are kept: the next call runs only the rest
-        print("\n".join(f"study: {msg}" for msg in failed), file=sys.stderr)
+    todo = [(run_dir(out, p, s), p, s, overrides) for p, s in configs if not is_finished(run_dir(out, p, s), steps)]
+    if _run_all(todo, args.jobs, threads):
         return 1
-    by_preset = {p: [load_run(out, p, s) for s in range(args.seeds)] for p in args.presets}
-    text = report(by_preset, baseline=args.presets[-1])
-    (out / "results.md").write_text(f"`python -m ibtpo_fast.study {' '.join(sys.argv[1:] if argv is None else argv)}`\n\n{text}")
-    plot(by_preset, out / "plots")
-    (out / "summary.json").write_text(json.dumps({p: [r.evals[-1] for r in rs] for p, rs in by_preset.items()}, indent=1))
-    print(text)
+    timing = None
+    if args.timing:  # one at a time, with the study's thread count: no neighbours
+        timed = [(timing_dir(out, p, args.first_seed), p, args.first_seed, [*overrides, "train.eval_every=0"])
+                 for p in args.presets]
+        for path, p, s, o in timed:
+            check_provenance(path, to_dict(load_config(train_args(path, p, s, o))))
+        if _run_all([t for t in timed if not is_finished(t[0], steps)], 1, threads):
+            return 1
+        timing = {p: timing_of(path) for path, p, _, _ in timed}
+    runs = [run_entry(run_dir(out, p, s), p, s, timing[p] if timing else None) for p, s in configs]
+    data = {"command": command, "presets": args.presets, "seeds": list(seeds), "timing": timing, "runs": runs}
+    (out / "runs.json").write_text(json.dumps(data, separators=(",", ":")))
+    print(write_report(out / "runs.json"))
     return 0
+
+
+def _run_all(todo: list[tuple[Path, str, int, list[str]]], jobs: int, threads: int) -> bool:
+    """Run `todo` `jobs` at a time; True when any failed (the finished ones are kept: the next call runs the rest)."""
+    with ThreadPoolExecutor(jobs) as pool:
+        futures = [pool.submit(launch, path, p, s, o, threads) for path, p, s, o in todo]
+        failed = [str(e) for e in (f.exception() for f in futures) if e is not None]
+    print("\n".join(f"study: {msg}" for msg in failed), file=sys.stderr, end="\n" if failed else "")
+    return bool(failed)
 
 
 def _write(path: Path, command: str, text: str) -> int:

@@ -25,7 +25,7 @@ from ibtpo_fast.data import PromptRow, PromptStream, encode_prompt
 from ibtpo_fast.distributed import RolloutWeights, frozen_copy, init_world, resolve_parallel, whole, wrap
 from ibtpo_fast.engines.protocol import SamplingParams
 from ibtpo_fast.errors import CheckpointError
-from ibtpo_fast.evaluation import evaluate, merge_shares
+from ibtpo_fast.evaluation import correct_counts, merge_shares, sample_scores, summarise
 from ibtpo_fast.loading import Task, build_engine, check_engine, load_policy, load_task, model_dir, resolve_device, stop_token_ids
 from ibtpo_fast.metrics import mean_of, parts_of
 from ibtpo_fast.packing import TrainBatch, flatten, pack_trees
@@ -325,20 +325,23 @@ class Trainer:
             self._lock = None
 
     # ---- evaluation and the run --------------------------------------------------------------
-    def evaluate(self) -> dict[str, float]:
-        """Held-out accuracy, each rank sampling its share of the problems."""
+    def evaluate(self) -> tuple[dict[str, float], list[int]]:
+        """Held-out accuracy, each rank sampling its share of the problems, and every problem's count of
+        correct samples (in the held-out set's order)."""
         if not self.val_prompts:
-            return {}
+            return {}, []
         self.engine.flush_cache()
         part = self.world.split(len(self.val_prompts))
         rows = self.task.val[part]
-        local = evaluate(self.engine, self.tokenizer, self.val_prompts[part], rows, self.scorer,
-                         k=self.cfg.train.eval_k, max_new_tokens=self.cfg.rollout.max_new_tokens, sampling=self.sampling,
-                         stop_token_ids=self.stop_ids, seed=self.cfg.train.seed + 10_000, first_index=part.start)
+        scores = sample_scores(self.engine, self.tokenizer, self.val_prompts[part], rows, self.scorer,
+                               k=self.cfg.train.eval_k, max_new_tokens=self.cfg.rollout.max_new_tokens,
+                               sampling=self.sampling, stop_token_ids=self.stop_ids, seed=self.cfg.train.seed + 10_000,
+                               first_index=part.start)
         counts: dict[str, int] = {}
         for r in rows:
             counts[r.data_source] = counts.get(r.data_source, 0) + 1
-        return merge_shares(self.world.gather((local, counts)))
+        shares = self.world.gather((summarise(scores, rows), counts, correct_counts(scores)))
+        return merge_shares([(m, c) for m, c, _ in shares]), [n for _, _, correct in shares for n in correct]
 
     def train(self) -> dict[str, Any]:
         """The run to train.steps; the run directory's lock is given up at its end, also when it fails."""
@@ -358,8 +361,9 @@ class Trainer:
         with logger as log:
             log.print(dump_yaml(cfg) if start == 0 else f"resumed from step {start} in {self.ckpt_dir}")
             if start == 0:
-                before = self.evaluate()
+                before, correct = self.evaluate()
                 log.log(0, before)
+                log.log_eval(0, correct)
             else:
                 before = read_metrics(self.run_dir / "metrics.jsonl")[0] if main else {}
             history = []
@@ -369,8 +373,10 @@ class Trainer:
                 every = cfg.train.eval_every
                 if last or (every and self.global_step % every == 0):
                     t0 = time.perf_counter()
-                    m.update(self.evaluate())
+                    held_out, correct = self.evaluate()
+                    m.update(held_out)
                     m["timing/eval"] = time.perf_counter() - t0
+                    log.log_eval(self.global_step, correct)
                 log.log(self.global_step, m)
                 history.append(m)
                 if last or self.global_step % cfg.run.save_every == 0:

@@ -79,7 +79,7 @@ def test_sglang_rollouts_train_as_torch_rollouts_do(sglang, tmp_path):
     runs = {}
     for engine in ("torch", "sglang"):
         tr = Trainer(load_config([*FAST, f"rollout.engine={engine}", f"run.out_dir={tmp_path / engine}"]))
-        runs[engine] = (tr, [tr.step() for _ in range(2)] + [tr.evaluate()])
+        runs[engine] = (tr, [tr.step() for _ in range(2)] + [tr.evaluate()[0]])
     tr, got = runs["sglang"]
     want = runs["torch"][1]
     # The same tokens and rewards in step 2 as in step 1 show the synced weights sampled them; log-probs differ in

@@ -5,31 +5,65 @@ import warnings
 import numpy as np
 import pytest
 
-from ibtpo_fast import sampling_study, study
+from ibtpo_fast import sampling_study, study, study_report
 
 SMOKE = ["train.steps=2", "train.eval_every=1", "data.batch_size=2", "data.val_size=4", "train.eval_k=2"]
 
 
-def test_two_presets_two_seeds(tmp_path):
+def test_two_presets_two_seeds_with_a_timing_pass(tmp_path):
     out = tmp_path / "study"
-    assert study.main(["--presets", "ibtpo,grpo", "--seeds", "2", "--out", str(out), "--jobs", "2", "--", *SMOKE]) == 0
+    args = ["--presets", "ibtpo,grpo", "--seeds", "2", "--first-seed", "5", "--timing", "--out", str(out), "--jobs", "2"]
+    assert study.main([*args, "--", *SMOKE]) == 0
     text = (out / "results.md").read_text()
-    assert "| ibtpo | 2 |" in text and "| grpo | 2 |" in text and "Paired differences from `grpo`" in text
-    for png in ("accuracy_vs_tokens.png", "accuracy_vs_time.png", "training_dynamics.png"):
+    assert "| ibtpo | 2 |" in text and "| grpo | 2 |" in text and "`ibtpo` minus each other preset" in text
+    assert "bootstrap" in text and "| grpo | " in text.split("Paired differences")[1]
+    for png in ("accuracy_vs_steps.png", "accuracy_vs_tokens.png", "accuracy_vs_time.png", "training_dynamics.png"):
         assert (out / "plots" / png).stat().st_size > 1000
-    summary = json.loads((out / "summary.json").read_text())
-    assert [r["step"] for r in summary["ibtpo"]] == [2, 2]
-    stamp = (out / "runs" / "grpo-seed1" / "metrics.jsonl").stat().st_mtime_ns
-    assert study.main(["--presets", "ibtpo,grpo", "--seeds", "2", "--out", str(out), "--", *SMOKE]) == 0
-    assert (out / "runs" / "grpo-seed1" / "metrics.jsonl").stat().st_mtime_ns == stamp  # finished runs are not rerun
+    data = json.loads((out / "runs.json").read_text())
+    assert [(r["preset"], r["seed"]) for r in data["runs"]] == [("ibtpo", 5), ("ibtpo", 6), ("grpo", 5), ("grpo", 6)]
+    run = data["runs"][0]
+    assert run["code"] and run["config"]["train"]["seed"] == 5 and run["config"]["data"]["seed"] == 5
+    assert [e["step"] for e in run["evals"]] == [0, 1, 2] and all(len(e["correct"]) == 4 for e in run["evals"])
+    # training seconds are the timing pass's: the same for every seed of a preset
+    timing = data["timing"]["ibtpo"]
+    assert len(timing) == 2 and run["evals"][-1]["seconds"] == pytest.approx(sum(timing))
+    assert data["runs"][1]["evals"][-1]["seconds"] == run["evals"][-1]["seconds"] != run["evals"][-1]["seconds_own"]
+    assert np.mean(run["evals"][-1]["correct"]) / 2 == pytest.approx(run["evals"][-1]["metrics"]["val-core/arithmetic/acc/mean@2"])
+    # the report regenerates from runs.json alone
+    (out / "results.md").unlink()
+    assert study.main(["--report", str(out / "runs.json")]) == 0
+    assert (out / "results.md").read_text() == text
+    stamp = (out / "runs" / "grpo-seed6" / "metrics.jsonl").stat().st_mtime_ns
+    assert study.main([*args, "--", *SMOKE]) == 0
+    assert (out / "runs" / "grpo-seed6" / "metrics.jsonl").stat().st_mtime_ns == stamp  # finished runs are not rerun
 
 
-def test_paired_interval_and_token_interpolation():
-    m, lo, hi = study.paired([0.5, 0.6, 0.7], [0.4, 0.4, 0.4])
+def test_a_run_begun_with_another_config_or_code_is_refused(tmp_path, capsys):
+    out = tmp_path / "study"
+    args = ["--presets", "grpo", "--seeds", "1", "--out", str(out)]
+    assert study.main([*args, "--", *SMOKE]) == 0
+    with pytest.raises(SystemExit):
+        study.main([*args, "--", *SMOKE[:-1], "train.eval_k=3"])
+    assert "another config (train.eval_k: 2 there, 3 asked)" in capsys.readouterr().err
+    record = out / "runs" / "grpo-seed0" / study.RUN_RECORD
+    record.write_text(json.dumps({**json.loads(record.read_text()), "code": "0" * 16}))
+    with pytest.raises(SystemExit):
+        study.main([*args, "--", *SMOKE])
+    assert "another code" in capsys.readouterr().err
+
+
+def test_paired_interval_bootstrap_and_interpolation():
+    m, lo, hi = study_report.paired([0.5, 0.6, 0.7], [0.4, 0.4, 0.4])
     assert m == pytest.approx(0.2) and lo == pytest.approx(0.2 - 4.303 * 0.1 / np.sqrt(3)) and hi > m
-    run = study.Run("p", 0, [{"step": 0, "val-core/x/acc/mean@2": 0.2},
-                             {"step": 1, "tree/generated_tokens": 10.0, "val-core/x/acc/mean@2": 0.6}], batch_size=2)
-    assert study.at_tokens(run, "val-core/x/acc/mean@2", 10.0) == pytest.approx(0.4)  # half way to 20 tokens
+    evals = [{"step": 0, "tokens": 0.0, "seconds": 0.0, "metrics": {"val-core/x/acc/mean@2": 0.25}, "correct": [0, 1]},
+             {"step": 1, "tokens": 20.0, "seconds": 4.0, "metrics": {"val-core/x/acc/mean@2": 0.75}, "correct": [2, 1]}]
+    run = study_report.Run("p", 0, evals, {})
+    assert study_report.at_cost(run, "val-core/x/acc/mean@2", "tokens", 10.0) == pytest.approx(0.5)  # half way
+    assert run.correct_at("seconds", 1.0, k=2) == pytest.approx([0.25, 0.5])
+    diff = np.random.default_rng(1).normal(0.1, 0.05, (8, 64))
+    lo, hi = study_report.bootstrap(diff, draws=2000)
+    assert lo < diff.mean() < hi and hi - lo < 0.05
+    assert study_report.bootstrap(np.zeros((3, 5)), draws=10) == (0.0, 0.0)
 
 
 def test_bad_presets_overrides_and_failed_runs(tmp_path, capsys):
