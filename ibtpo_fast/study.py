@@ -52,18 +52,19 @@ def is_finished(path: Path, steps: int) -> bool:
     return metrics.is_file() and any(r.get("step") == steps for r in read_metrics(metrics))
 
 
-def check_provenance(path: Path, config: dict[str, Any]) -> dict[str, Any]:
-    """The run's record of what it runs (code and config), written before its first start; a run begun
-    by other code or with another config is refused, whether finished or not."""
+def check_provenance(path: Path, config: dict[str, Any], finished: bool) -> dict[str, Any]:
+    """The run's record of what it runs (code and config), written before its first start. A run begun
+    with another config is refused; so is resuming one that other code began (a finished run keeps
+    the code it ran, which runs.json and the report name)."""
     record_path = path / RUN_RECORD
     want = {**provenance(), "config": config}
     if record_path.is_file():
         have = json.loads(record_path.read_text())
-        changed = [key for key in ("code", "config") if have.get(key) != want[key]]
+        changed = [key for key in ("code", "config") if have.get(key) != want[key] and (key == "config" or not finished)]
         if changed:
             detail = _config_difference(have.get("config") or {}, config) if "config" in changed else ""
-            raise UserError(f"{path} holds a run made with another {' and '.join(changed)}{detail} "
-                            f"(recorded at commit {have.get('commit') or 'unknown'}); use another --out, "
+            raise UserError(f"{path} holds a run {'begun' if not finished else 'made'} with another {' and '.join(changed)}"
+                            f"{detail} (recorded at commit {have.get('commit') or 'unknown'}); use another --out, "
                             "or delete that run to start it again")
         return have
     path.mkdir(parents=True, exist_ok=True)
@@ -123,7 +124,7 @@ def write_report(runs_json: Path) -> str:
     """results.md and plots/ beside `runs_json`, from it alone."""
     data = json.loads(runs_json.read_text())
     groups = study_report.by_preset(data)
-    text = f"`{data['command']}`\n\n{study_report.report(groups)}"
+    text = f"`{data['command']}`\n\n{study_report.report(groups, study_report.codes(data))}"
     (runs_json.parent / "results.md").write_text(text)
     study_report.plot(groups, runs_json.parent / "plots")
     return text
@@ -197,19 +198,21 @@ def train_study(args: argparse.Namespace, overrides: list[str], out: Path, comma
     configs = {(p, s): to_dict(load_config(train_args(run_dir(out, p, s), p, s, overrides)))
                for p in args.presets for s in seeds}
     steps = next(iter(configs.values()))["train"]["steps"]
+    finished = {key: is_finished(run_dir(out, *key), steps) for key in configs}
     for (p, s), config in configs.items():  # all refusals before anything runs
-        check_provenance(run_dir(out, p, s), config)
+        check_provenance(run_dir(out, p, s), config, finished[p, s])
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
-    todo = [(run_dir(out, p, s), p, s, overrides) for p, s in configs if not is_finished(run_dir(out, p, s), steps)]
+    todo = [(run_dir(out, p, s), p, s, overrides) for p, s in configs if not finished[p, s]]
     if _run_all(todo, args.jobs, threads):
         return 1
     timing = None
     if args.timing:  # one at a time, with the study's thread count: no neighbours
         timed = [(timing_dir(out, p, args.first_seed), p, args.first_seed, [*overrides, "train.eval_every=0"])
                  for p in args.presets]
-        for path, p, s, o in timed:
-            check_provenance(path, to_dict(load_config(train_args(path, p, s, o))))
-        if _run_all([t for t in timed if not is_finished(t[0], steps)], 1, threads):
+        done = [is_finished(path, steps) for path, *_ in timed]
+        for (path, p, s, o), fin in zip(timed, done):
+            check_provenance(path, to_dict(load_config(train_args(path, p, s, o))), fin)
+        if _run_all([t for t, fin in zip(timed, done) if not fin], 1, threads):
             return 1
         timing = {p: timing_of(path) for path, p, _, _ in timed}
     runs = [run_entry(run_dir(out, p, s), p, s, timing[p] if timing else None) for p, s in configs]

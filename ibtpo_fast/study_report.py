@@ -138,15 +138,23 @@ def _cost_table(by_preset: dict[str, list[Run]], acc: str, cost: str, label: str
     return lines
 
 
-def report(by_preset: dict[str, list[Run]]) -> str:
-    """The report's markdown; the first preset is compared with each of the others."""
+def code_line(codes: dict[str, int]) -> str:
+    """Which code the runs ran ("commit (code digest)": runs)."""
+    if len(codes) == 1:
+        return f"Every run ran the same code: {next(iter(codes))}."
+    return "The runs ran different code: " + ", ".join(f"{c}: {n} runs" for c, n in codes.items()) + "."
+
+
+def report(by_preset: dict[str, list[Run]], codes: dict[str, int]) -> str:
+    """The report's markdown; the first preset is compared with each of the others. `codes`: the runs'
+    code ("commit (digest)") and how many ran each."""
     runs = [r for rs in by_preset.values() for r in rs]
     acc = accuracy_key(runs)
     k = int(acc.rsplit("@", 1)[1])
     pass_key = acc.replace("/acc/mean@", "/acc/pass@")
     steps = [int(s) for s in runs[0].curve(acc)[0]]
     lines = [f"Held-out `{acc}` in %, mean ± sd over seeds; `{pass_key}` at the last step. Training seconds: "
-             "the timing pass's, where the study ran one (each run's own otherwise).", "",
+             "the timing pass's, where the study ran one (each run's own otherwise).", "", code_line(codes), "",
              "| preset | seeds | " + " | ".join(f"step {s}" for s in steps) + " | pass@k | tokens per tree | "
              "effective trees | training s |",
              "|---" * (len(steps) + 6) + "|"]
@@ -210,3 +218,12 @@ def by_preset(data: dict[str, Any]) -> dict[str, list[Run]]:
     """runs.json's runs grouped by preset, in the study's preset order."""
     runs = [Run.from_json(r) for r in data["runs"]]
     return {p: [r for r in runs if r.preset == p] for p in data["presets"]}
+
+
+def codes(data: dict[str, Any]) -> dict[str, int]:
+    """How many of runs.json's runs ran each code: "commit (digest)"."""
+    out: dict[str, int] = {}
+    for r in data["runs"]:
+        key = f"{r.get('commit') or 'no commit'} (code {r['code']})"
+        out[key] = out.get(key, 0) + 1
+    return out

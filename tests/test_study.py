@@ -47,9 +47,14 @@ def test_a_run_begun_with_another_config_or_code_is_refused(tmp_path, capsys):
     assert "another config (train.eval_k: 2 there, 3 asked)" in capsys.readouterr().err
     record = out / "runs" / "grpo-seed0" / study.RUN_RECORD
     record.write_text(json.dumps({**json.loads(record.read_text()), "code": "0" * 16}))
+    assert study.main([*args, "--", *SMOKE]) == 0  # a finished run keeps the code it ran, and the report says so
+    assert "(code 0000000000000000): 1 runs" not in (out / "results.md").read_text()
+    assert "(code 0000000000000000)." in (out / "results.md").read_text()
+    metrics = out / "runs" / "grpo-seed0" / "metrics.jsonl"
+    metrics.write_text("".join(metrics.read_text().splitlines(keepends=True)[:-1]))  # cut short: to be resumed
     with pytest.raises(SystemExit):
         study.main([*args, "--", *SMOKE])
-    assert "another code" in capsys.readouterr().err
+    assert "begun with another code" in capsys.readouterr().err
 
 
 def test_paired_interval_bootstrap_and_interpolation():
