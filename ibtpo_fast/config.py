@@ -31,7 +31,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    task: str = "arithmetic"  # bundled task (arithmetic | arithmetic_hard), or "file" with train_files
+    task: str = "arithmetic"  # bundled task (arithmetic | arithmetic_hard | carries | word_problems), or "file" with train_files
     train_files: str = ""  # jsonl / parquet (verl format or {"prompt", "answer"})
     val_files: str = ""
     reward_fn: str = ""  # module:function in verl's compute_score contract; empty: the task's
@@ -59,7 +59,7 @@ class RolloutConfig:
     strategy: str = "ib"  # ib | independent | random | entropy
     schedule: str = "continuous"  # continuous: each tree's next round joins the running batch | lockstep
     tree: str = "4,9,1,1"  # B0,L,K,B
-    max_new_tokens: int = 0  # per response; 0: the task's (64 arithmetic, 96 arithmetic_hard, 256 file)
+    max_new_tokens: int = 0  # per response; 0: the task's (64 arithmetic and carries, 96 arithmetic_hard and word_problems, 256 file)
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1

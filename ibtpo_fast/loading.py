@@ -17,7 +17,7 @@ from ibtpo_fast.data import PromptRow, load_files
 from ibtpo_fast.errors import CheckpointError, MissingExtraError
 from ibtpo_fast.rewards import RewardFn, RewardScorer, default_math_reward, load_reward_fn
 
-TASKS = ("arithmetic", "arithmetic_hard", "word_problems", "file")  # a bundled task, or jsonl / parquet files
+TASKS = ("arithmetic", "arithmetic_hard", "carries", "word_problems", "file")  # a bundled task, or jsonl / parquet files
 ENGINES = ("torch", "sglang")
 DTYPES = ("float32", "bfloat16", "float16")
 BUNDLED_TRAIN_ROWS = 4096

@@ -1,4 +1,5 @@
-"""Arithmetic task: deterministic disjoint splits, correct solutions, robust reward, tokenizer."""
+"""Bundled tasks: deterministic disjoint splits, correct solutions, robust reward, tokenizer."""
+import random
 import re
 from collections import Counter
 
@@ -15,12 +16,14 @@ from ibtpo_fast.tasks import (
     STEP_DELIMITER,
     TINY_MODEL_TASKS,
     ArithmeticConfig,
+    arithmetic,
+    carries,
     compute_score,
     extract_answer,
     make_split,
     word_problems,
 )
-from ibtpo_fast.tasks.arithmetic import INSTRUCTION, parse_prompt, question_of, response_budget, split_of
+from ibtpo_fast.tasks.arithmetic import INSTRUCTION, parse_prompt, question_of, split_of
 from ibtpo_fast.tasks.char_tokenizer import CHARS, build_char_tokenizer, save_char_tokenizer
 
 STEP_RE = re.compile(r"^(\d+)([+\-*])(\d+)=(\d+)$")
@@ -137,11 +140,11 @@ def test_tokenizer_every_char_is_a_token():
     assert tok.decode(tok.encode("1  2\n\n", add_special_tokens=False)) == "1  2\n\n"
 
 
-@pytest.mark.parametrize("cfg", [t.problems for t in TINY_MODEL_TASKS.values()]
-                         + [ArithmeticConfig(num_ops_min=1, num_ops_max=4, max_result=200)])
-def test_response_budget_holds_the_longest_solution_and_its_stop_token(cfg):
-    longest = max(len(p.solution) for p in make_split("train", 2000, cfg))
-    assert longest + 1 <= response_budget(cfg) < longest + 1 + 40
+@pytest.mark.parametrize("gen,cfg", [(t.generator, t.problems) for t in TINY_MODEL_TASKS.values()]
+                         + [(arithmetic, ArithmeticConfig(num_ops_min=1, num_ops_max=4, max_result=200))])
+def test_response_budget_holds_the_longest_solution_and_its_stop_token(gen, cfg):
+    longest = max(len(p.solution) for p in gen.make_split("train", 2000, cfg))
+    assert longest + 1 <= gen.response_budget(cfg) < longest + 1 + 40
 
 
 def test_hard_task_mixes_every_length_from_two_to_nine_operations_in_equal_shares():
@@ -160,13 +163,62 @@ def test_balancing_lengths_leaves_the_unbalanced_stream_as_it_was():
     assert make_split("test", 2)[0].prompt.endswith("\n5*3+7-4-4=?\n")
 
 
-@pytest.mark.parametrize("task,budget", [("arithmetic", 64), ("arithmetic_hard", 96), ("file", 256)])
+@pytest.mark.parametrize("task,budget", [("arithmetic", 64), ("arithmetic_hard", 96), ("carries", 64), ("file", 256)])
 def test_a_task_brings_its_response_length_and_model_unless_told_otherwise(task, budget):
     files = ["data.train_files=x.jsonl"] if task == "file" else []
     assert load_config([f"data.task={task}", *files]).rollout.max_new_tokens == budget
     assert load_config([f"data.task={task}", "rollout.max_new_tokens=40", *files]).rollout.max_new_tokens == 40
     own = BUNDLED.get(task, BUNDLED["arithmetic"]).model_path
     assert model_dir("", task) == own and model_dir("/elsewhere", task).as_posix() == "/elsewhere"
+
+
+# ---------------------------------------------------------------- carries (column addition)
+
+COLUMN_RE = re.compile(r"^(\d)\+(\d)(\+1)?=(\d+)$")
+
+
+def _columns(solution: str) -> tuple[list[tuple[int, int, int, int]], str]:
+    *lines, answer = solution.split(STEP_DELIMITER)
+    cols = []
+    for line in lines:
+        x, y, carry, total = COLUMN_RE.match(line).groups()
+        cols.append((int(x), int(y), int(bool(carry)), int(total)))
+    return cols, answer.removeprefix("A:")
+
+
+def test_carries_solutions_add_column_by_column_from_the_right():
+    for p in carries.make_split("train", 300):
+        a, b = carries.parse_prompt(p.prompt)
+        cols, answer = _columns(p.solution)
+        assert answer == p.answer == str(a + b) and len(cols) == max(len(str(a)), len(str(b)))
+        carry = 0
+        for i, (x, y, c, total) in enumerate(cols):  # the digits of column i, its carry in, its sum
+            assert (x, y) == (a // 10**i % 10, b // 10**i % 10) and c == carry and total == x + y + c
+            carry = total // 10
+        assert compute_score("carries", p.solution, p.answer) == 1.0
+
+
+def test_carries_splits_are_disjoint_deterministic_and_every_length_pair_equally_common():
+    train, test = carries.make_split("train", 2000), carries.make_split("test", 500)
+    assert not {p.prompt for p in train} & {p.prompt for p in test}
+    assert train[:50] == carries.make_split("train", 50)
+    pairs = Counter(tuple(len(str(n)) for n in carries.parse_prompt(p.prompt)) for p in train)
+    assert set(pairs) == {(i, j) for i in range(2, 6) for j in range(2, 6)}
+    assert max(pairs.values()) < 1.4 * min(pairs.values())
+    assert all(p.prompt.startswith(carries.INSTRUCTION) for p in test)
+
+
+def test_carries_slips_drop_a_carry_or_miss_by_one_and_later_columns_carry_them():
+    rng = random.Random(0)
+    problems = carries.make_split("train", 400)
+    slipped = [(p, carries.slipped_solution(p, rng, 0.25)) for p in problems]
+    wrong = [(p, s) for p, s in slipped if s.rsplit("A:", 1)[1] != p.answer]
+    assert 0.4 < len(wrong) / len(slipped) < 0.85  # about 1 - 0.75^columns
+    for p, s in wrong:
+        cols, answer = _columns(s)  # still well formed, and consistent with what was written
+        digits = "".join(str(total % 10) for *_, total in reversed(cols))
+        assert answer == str(int(str(cols[-1][3] // 10 or "") + digits))
+        assert all(c <= (cols[i - 1][3] // 10 if i else 0) for i, (_, _, c, _) in enumerate(cols))
 
 
 # ---------------------------------------------------------------- word problems (SmolLM2's task)

@@ -6,8 +6,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from ibtpo_fast.tasks import BUNDLED, DATA_SOURCE, TINY_MODEL_TASKS, ArithmeticConfig, compute_score, make_split, tiny_model_path
-from ibtpo_fast.tasks.arithmetic import response_budget
+from ibtpo_fast.tasks import BUNDLED, TINY_MODEL_TASKS, compute_score, make_split, tiny_model_path
 from ibtpo_fast.tasks.make_tiny_model import META_FILE, sample_solutions
 
 
@@ -76,14 +75,13 @@ def test_hard_model_fails_more_the_longer_the_problem():
     assert by_ops["2"] >= 0.5 and by_ops["9"] <= 0.2 and by_ops["8"] < by_ops["5"] < by_ops["2"]
 
 
-def test_quick_heldout_accuracy_at_t1(model_and_tok, meta):
+def test_quick_heldout_accuracy_at_t1(bundled, model_and_tok):
     model, tok = model_and_tok
-    task = ArithmeticConfig(**{k: v for k, v in meta["task"].items() if k != "data_source"})
-    problems = make_split("test", 64, task)
+    problems = bundled.generator.make_split("test", 64, bundled.problems)
     torch.manual_seed(0)
     texts = sample_solutions(model, tok, [p.prompt for p in problems], temperature=1.0,
-                             max_new_tokens=response_budget(task))
-    acc = sum(compute_score(DATA_SOURCE, t, p.answer) for t, p in zip(texts, problems)) / 64
+                             max_new_tokens=bundled.max_new_tokens)
+    acc = sum(compute_score("", t, p.answer) for t, p in zip(texts, problems)) / 64
     well_formed = sum("A:" in t for t in texts) / 64
     assert 0.05 <= acc <= 0.8
     assert well_formed >= 0.8

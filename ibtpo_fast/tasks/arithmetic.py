@@ -30,6 +30,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 DATA_SOURCE = "arithmetic"
+DIFFICULTY = "ops"  # what accuracy is broken down by in the tiny model's metadata
+SLIP_DELTAS = (-10, -2, -1, 1, 2, 10)  # typical carry and off-by-one slips of a written result
 STEP_DELIMITER = "\n"
 ANSWER_PREFIX = "A:"
 _TEST_BUCKETS = 5  # one question in five belongs to the test split
@@ -104,6 +106,24 @@ def parse_prompt(prompt: str) -> tuple[list[int], list[str]]:
 
 def format_solution(steps: list[str], value: int) -> str:
     return STEP_DELIMITER.join(steps + [f"{ANSWER_PREFIX}{value}"])
+
+
+def difficulty(p: Problem) -> int:
+    """Operations in the problem."""
+    return len(parse_prompt(p.prompt)[1])
+
+
+def slipped_solution(p: Problem, rng: random.Random, rate: float) -> str:
+    """`p`'s solution with each step result off by a little with probability `rate`."""
+
+    def slip(value: int) -> int:
+        if rng.random() >= rate:
+            return value
+        d = rng.choice(SLIP_DELTAS)
+        return value + d if value + d >= 0 else value - d
+
+    steps, value = solve(*parse_prompt(p.prompt), slip=slip)
+    return format_solution(steps, value) if min(step_results(steps)) >= 0 else p.solution
 
 
 def response_budget(cfg: ArithmeticConfig) -> int:

@@ -1,8 +1,9 @@
-"""Regenerate a bundled tiny model: `python -m ibtpo_fast.tasks.make_tiny_model [--task arithmetic_hard]`.
+"""Regenerate a bundled tiny model: `python -m ibtpo_fast.tasks.make_tiny_model [--task arithmetic_hard|carries]`.
 
 A 4-layer Qwen2 with a character tokenizer is trained by teacher forcing on train-split
-solutions in which each step result is, with probability `slip_rate`, off by 1, 2 or 10 (later
-steps build on the slipped value). The model learns the format and the procedure, and greedy
+solutions in which each step is, with probability `slip_rate`, slipped as its task slips
+(`slipped_solution` of the task's module: an arithmetic result off by 1, 2 or 10, a column's carry
+dropped or its sum off by one), later steps building on the slipped value. The model learns the format and the procedure, and greedy
 decoding is nearly always right, but sampled at temperature 1 it reproduces slips at roughly the
 trained rate: held-out accuracy lands well below its greedy accuracy, and RL only has to push
 probability off the slips, which it does quickly. Slips compound over steps, so on the mixed
@@ -16,7 +17,7 @@ import json
 import math
 import random
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,24 +25,11 @@ from typing import Any
 import torch
 from transformers import GenerationConfig, PreTrainedTokenizerBase, Qwen2Config, Qwen2ForCausalLM
 
-from ibtpo_fast.tasks import TINY_MODEL_TASKS
-from ibtpo_fast.tasks.arithmetic import (
-    DATA_SOURCE,
-    ArithmeticConfig,
-    Problem,
-    compute_score,
-    format_solution,
-    iter_problems,
-    make_split,
-    parse_prompt,
-    response_budget,
-    solve,
-    step_results,
-)
+from ibtpo_fast.tasks import TINY_MODEL_TASKS, BundledTask
+from ibtpo_fast.tasks.arithmetic import Problem, compute_score
 from ibtpo_fast.tasks.char_tokenizer import build_char_tokenizer
 
 META_FILE = "ibtpo_meta.json"
-SLIP_DELTAS = (-10, -2, -1, 1, 2, 10)  # typical carry and off-by-one slips
 
 
 @dataclass(frozen=True)
@@ -60,7 +48,8 @@ class SFTConfig:
 
 
 # Each bundled task's recipe: its longer solutions need more steps to learn the procedure.
-RECIPES = {"arithmetic": SFTConfig(), "arithmetic_hard": SFTConfig(steps=2000, slip_rate=0.25)}
+RECIPES = {"arithmetic": SFTConfig(), "arithmetic_hard": SFTConfig(steps=2000, slip_rate=0.25),
+           "carries": SFTConfig(steps=2000, slip_rate=0.25)}
 
 
 def model_config(vocab_size: int, pad_id: int, eos_id: int) -> Qwen2Config:
@@ -78,19 +67,6 @@ def model_config(vocab_size: int, pad_id: int, eos_id: int) -> Qwen2Config:
         bos_token_id=None,
         architectures=["Qwen2ForCausalLM"],
     )
-
-
-def slipped_solution(p: Problem, rng: random.Random, rate: float) -> str:
-    """`p`'s solution with each step result off by a little with probability `rate`."""
-
-    def slip(value: int) -> int:
-        if rng.random() >= rate:
-            return value
-        d = rng.choice(SLIP_DELTAS)
-        return value + d if value + d >= 0 else value - d
-
-    steps, value = solve(*parse_prompt(p.prompt), slip=slip)
-    return format_solution(steps, value) if min(step_results(steps)) >= 0 else p.solution
 
 
 def sft_batch(
@@ -113,12 +89,13 @@ def sft_batch(
     return ids, mask, labels
 
 
-def _batches(task: ArithmeticConfig, sft: SFTConfig) -> Iterator[list[tuple[str, str]]]:
-    stream, rng = iter_problems("train", task), random.Random(f"slips:{sft.seed}")
+def _batches(task: BundledTask, sft: SFTConfig) -> Iterator[list[tuple[str, str]]]:
+    gen, instruction = task.generator, task.problems.instruction
+    stream, rng = gen.iter_problems("train", task.problems), random.Random(f"slips:{sft.seed}")
     while True:
         problems = [next(stream) for _ in range(sft.batch_size)]
-        yield [(p.prompt[len(task.instruction) :] if rng.random() < sft.instruction_dropout else p.prompt,
-                slipped_solution(p, rng, sft.slip_rate)) for p in problems]
+        yield [(p.prompt[len(instruction) :] if rng.random() < sft.instruction_dropout else p.prompt,
+                gen.slipped_solution(p, rng, sft.slip_rate)) for p in problems]
 
 
 def _lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
@@ -130,7 +107,7 @@ def _lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
 def train(
     model: Qwen2ForCausalLM,
     tok: PreTrainedTokenizerBase,
-    task: ArithmeticConfig,
+    task: BundledTask,
     sft: SFTConfig,
     log_every: int = 100,
 ) -> None:
@@ -188,14 +165,14 @@ def heldout_scores(
     """Exact-match reward of one sample per problem."""
     torch.manual_seed(seed)
     texts = sample_solutions(model, tok, [p.prompt for p in problems], temperature, max_new_tokens=max_new_tokens)
-    return [compute_score(DATA_SOURCE, t, p.answer) for t, p in zip(texts, problems)]
+    return [compute_score("", t, p.answer) for t, p in zip(texts, problems)]
 
 
-def accuracy_by_ops(problems: Sequence[Problem], scores: Sequence[float]) -> dict[str, float]:
-    """Mean score per number of operations: how accuracy falls with a problem's length."""
+def accuracy_by(difficulty: Callable[[Problem], int], problems: Sequence[Problem], scores: Sequence[float]) -> dict[str, float]:
+    """Mean score per difficulty (operations, columns): how accuracy falls with a problem's length."""
     groups: dict[int, list[float]] = {}
     for p, score in zip(problems, scores):
-        groups.setdefault(len(parse_prompt(p.prompt)[1]), []).append(score)
+        groups.setdefault(difficulty(p), []).append(score)
     return {str(n): round(sum(g) / len(g), 4) for n, g in sorted(groups.items())}
 
 
@@ -212,12 +189,7 @@ def generation_config(tok: PreTrainedTokenizerBase, max_new_tokens: int) -> Gene
     )
 
 
-def make_tiny_model(
-    out: Path,
-    task: ArithmeticConfig = ArithmeticConfig(),
-    sft: SFTConfig = SFTConfig(),
-    eval_problems: int = 500,
-) -> dict[str, Any]:
+def make_tiny_model(out: Path, task: BundledTask, sft: SFTConfig = SFTConfig(), eval_problems: int = 500) -> dict[str, Any]:
     """Train, evaluate and save the model plus tokenizer to `out`; returns the metadata."""
     torch.set_num_threads(sft.threads)
     start = time.time()
@@ -226,15 +198,16 @@ def make_tiny_model(
     model = Qwen2ForCausalLM(model_config(len(tok), tok.pad_token_id, tok.eos_token_id))
     train(model, tok, task, sft)
     print(f"trained {sft.steps} steps in {time.time() - start:.0f} s", flush=True)
-    test, budget = make_split("test", eval_problems, task), response_budget(task)
+    gen = task.generator
+    test, budget = gen.make_split("test", eval_problems, task.problems), task.max_new_tokens
     sampled = heldout_scores(model, tok, test, 1.0, sft.seed, budget)
     greedy = heldout_scores(model, tok, test, 0.0, sft.seed, budget)
     meta = {
         "heldout_acc_t1": sum(sampled) / len(sampled),
         "heldout_acc_greedy": sum(greedy) / len(greedy),
-        "heldout_acc_t1_by_ops": accuracy_by_ops(test, sampled),
+        f"heldout_acc_t1_by_{gen.DIFFICULTY}": accuracy_by(gen.difficulty, test, sampled),
         "heldout_problems": len(test),
-        "task": {"data_source": DATA_SOURCE, **task.to_dict()},
+        "task": {"data_source": gen.DATA_SOURCE, **task.problems.to_dict()},
         "train_steps": sft.steps,
         "sft": asdict(sft),
     }
@@ -259,7 +232,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="seeds the model, data and slips" if key == "seed" else None)
     a = vars(ap.parse_args(argv))
     sft = SFTConfig(**{k: a[k] for k in asdict(recipe)})
-    print(json.dumps(make_tiny_model(a["out"], bundled.problems, sft, a["eval_problems"]), indent=2))
+    print(json.dumps(make_tiny_model(a["out"], bundled, sft, a["eval_problems"]), indent=2))
 
 
 if __name__ == "__main__":
