@@ -5,13 +5,13 @@ from itertools import islice
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ibtpo_fast.tasks import ArithmeticConfig
+from ibtpo_fast.tasks import TINY_MODEL_TASKS
 from ibtpo_fast.tasks.arithmetic import INSTRUCTION, parse_prompt, question_of, solve, step_results
 from ibtpo_fast.tasks.make_tiny_model import META_FILE, SFTConfig, _batches, make_tiny_model
 
 
 def test_sft_examples_drop_the_instruction_at_the_set_rate_and_keep_the_procedure():
-    task, sft = ArithmeticConfig(), SFTConfig(batch_size=50)
+    task, sft = TINY_MODEL_TASKS["arithmetic"], SFTConfig(batch_size=50)
     pairs = [pair for batch in islice(_batches(task, sft), 8) for pair in batch]
     bare = [prompt for prompt, _ in pairs if not prompt.startswith(INSTRUCTION)]
     assert 0.35 <= len(bare) / len(pairs) <= 0.65
@@ -28,7 +28,7 @@ def test_sft_examples_drop_the_instruction_at_the_set_rate_and_keep_the_procedur
 
 def test_regeneration_is_reproducible_and_loadable(tmp_path):
     sft = SFTConfig(steps=3, batch_size=8)
-    metas = [make_tiny_model(tmp_path / name, sft=sft, eval_problems=4) for name in ("a", "b")]
+    metas = [make_tiny_model(tmp_path / name, TINY_MODEL_TASKS["arithmetic"], sft=sft, eval_problems=4) for name in ("a", "b")]
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
     assert metas[0] == metas[1] == json.loads((tmp_path / "a" / META_FILE).read_text())
     assert metas[0]["task"]["instruction"] == INSTRUCTION and metas[0]["sft"]["steps"] == 3
