@@ -20,15 +20,13 @@ from __future__ import annotations
 
 import random
 import re
-import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
-from ibtpo_fast.tasks.arithmetic import ANSWER_PREFIX, STEP_DELIMITER, Problem
+from ibtpo_fast.tasks.arithmetic import ANSWER_PREFIX, STEP_DELIMITER, Problem, split_of
 
 DATA_SOURCE = "carries"
 DIFFICULTY = "columns"  # what accuracy is broken down by in the tiny model's metadata
-_TEST_BUCKETS = 5
 INSTRUCTION = "Add them column by column from the right, carrying as you go. End with A: and the answer.\n"
 _QUESTION = re.compile(r"Q: (\d+)\+(\d+)=\?")
 
@@ -103,10 +101,6 @@ def slipped_solution(p: Problem, rng: random.Random, rate: float) -> str:
 
 def _number(rng: random.Random, digits: int) -> int:
     return rng.randint(10 ** (digits - 1), 10**digits - 1)
-
-
-def split_of(question: str) -> str:
-    return "test" if zlib.crc32(question.encode()) % _TEST_BUCKETS == 0 else "train"
 
 
 def iter_problems(split: str, cfg: CarriesConfig = CarriesConfig()) -> Iterator[Problem]:
