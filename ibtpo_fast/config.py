@@ -110,6 +110,7 @@ class TrainConfig:
     param_dtype: str = ""  # fsdp: compute in this dtype, reduce gradients in fp32; empty: model.dtype
     max_tokens_per_micro_batch: int = 0  # padded tokens per forward and backward, gradients accumulated; 0: no split
     activation_checkpointing: bool = False  # recompute each decoder layer's activations in the backward
+    ref_offload: bool = False  # fsdp: the reference model's shards live in CPU memory, copied in layer by layer
     dist_timeout_s: float = 1800.0  # under torchrun: a collective that waits longer ends the run with an error
 
 
@@ -329,6 +330,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("data.train_files: required when data.task=file")
     _check_world(cfg, int(os.environ.get("WORLD_SIZE", "1")), "WORLD_SIZE" in os.environ)
     _check_precision(cfg, "WORLD_SIZE" in os.environ)
+    _check_ref_offload(cfg, "WORLD_SIZE" in os.environ)
 
 
 def _check_precision(cfg: Config, torchrun: bool) -> None:
@@ -341,6 +343,18 @@ def _check_precision(cfg: Config, torchrun: bool) -> None:
     raise ConfigError(f"model.dtype: {cfg.model.dtype} training needs fp32 master weights, or AdamW's small updates "
                       f"round away in {cfg.model.dtype}; {how}, where FSDP keeps them and computes in "
                       f"{cfg.model.dtype}, or train in model.dtype=float32")
+
+
+def _check_ref_offload(cfg: Config, torchrun: bool) -> None:
+    """Offloading moves FSDP2 shards, so it needs FSDP under torchrun and a reference model to move."""
+    if not cfg.train.ref_offload:
+        return
+    if cfg.algo.kl_coef == 0:
+        raise ConfigError("train.ref_offload: algo.kl_coef is 0, so the run has no reference model to offload")
+    if not torchrun or cfg.train.parallel not in ("auto", "fsdp"):
+        how = "launch under torchrun (one GPU: torchrun --nproc-per-node 1 -m ibtpo_fast.train ...)" if not torchrun \
+            else f"use train.parallel=fsdp (not {cfg.train.parallel})"
+        raise ConfigError(f"train.ref_offload: the reference model's FSDP shards are what moves to CPU memory; {how}")
 
 
 def _check_world(cfg: Config, world: int, torchrun: bool) -> None:

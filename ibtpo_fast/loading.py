@@ -82,15 +82,29 @@ def model_dir(path: str, task: str = "arithmetic") -> Path:
     return BUNDLED.get(task, BUNDLED["arithmetic"]).model_path
 
 
+def _folder(path: str, task: str) -> tuple[Path, Path, dict[str, str]]:
+    """(what `path` names, the folder to load from, the GGUF file argument): a .gguf file loads through its
+    folder (transformers de-quantises it; needs `gguf`)."""
+    where = model_dir(path, task)
+    return (where, where.parent, {"gguf_file": where.name}) if where.suffix == ".gguf" else (where, where, {})
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False, task: str = "arithmetic") -> Any:
+    """The tokenizer of the checkpoint `load_policy` would load."""
+    where, folder, gguf = _folder(path, task)
+    try:
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code, **gguf)
+    except OSError as e:
+        raise CheckpointError(f"cannot load a tokenizer from {str(where)!r}: {e}") from e
+
+
 def load_policy(path: str, device: torch.device, dtype: str = "float32", attn_implementation: str = "sdpa",
                 trust_remote_code: bool = False, task: str = "arithmetic") -> tuple[torch.nn.Module, Any]:
     """A causal LM and its tokenizer from a Hugging Face checkpoint directory (empty: `task`'s bundled tiny
     model). `trust_remote_code` lets the directory's own Python code run; off, only transformers' classes load."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    where = model_dir(path, task)
-    # a .gguf file loads through its folder (transformers de-quantises it; needs `gguf`)
-    folder, gguf = (where.parent, {"gguf_file": where.name}) if where.suffix == ".gguf" else (where, {})
+    where, folder, gguf = _folder(path, task)
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype),
                                                      attn_implementation=attn_implementation,

@@ -22,11 +22,21 @@ from ibtpo_fast.checkpoint import (
 )
 from ibtpo_fast.config import Config, ConfigError, TrainConfig, dump_yaml, to_dict
 from ibtpo_fast.data import PromptRow, PromptStream, encode_prompt
-from ibtpo_fast.distributed import RolloutWeights, frozen_copy, init_world, resolve_parallel, whole, wrap
+from ibtpo_fast.distributed import frozen_copy, init_world, resolve_parallel, shard_from_rank0, whole, wrap
 from ibtpo_fast.engines.protocol import SamplingParams
 from ibtpo_fast.errors import CheckpointError
 from ibtpo_fast.evaluation import correct_counts, merge_shares, sample_scores, summarise
-from ibtpo_fast.loading import Task, build_engine, check_engine, load_policy, load_task, model_dir, resolve_device, stop_token_ids
+from ibtpo_fast.loading import (
+    Task,
+    build_engine,
+    check_engine,
+    load_policy,
+    load_task,
+    load_tokenizer,
+    model_dir,
+    resolve_device,
+    stop_token_ids,
+)
 from ibtpo_fast.metrics import mean_of, parts_of
 from ibtpo_fast.packing import TrainBatch, flatten, pack_trees
 from ibtpo_fast.policy import TokenLogprobs, checkpoint_activations, resolve_tree_attention, supports_tree_packing
@@ -97,22 +107,13 @@ class Trainer:
         # Low-precision training keeps fp32 master weights (FSDP computes in model.dtype); engines get model.dtype.
         self.engine_dtype = getattr(torch, cfg.model.dtype)
         master = self.engine_dtype != torch.float32
-        self.model, self.tokenizer = load_policy(cfg.model.path, self.device, "float32" if master else cfg.model.dtype,
-                                                 cfg.model.attn_implementation, cfg.model.trust_remote_code,
-                                                 task=cfg.data.task)
-        self.layout, self.tree_attention = self._resolve_layout()  # reads the whole model: before sharding
-        self.parallel = resolve_parallel(cfg.train.parallel, self.world, master_weights=master)
-        sharded = self.parallel == "fsdp"
+        self.parallel = resolve_parallel(cfg.train.parallel, self.world, needs_fsdp=master or cfg.train.ref_offload)
         compute = cfg.train.param_dtype or (cfg.model.dtype if master else "")
-        # TorchEngine on a sharded policy generates from a whole replica, gathered before each rollout and freed
-        # for the update (SGLang holds its own copy).
-        self.rollout_weights = RolloutWeights(self.model, self.engine_dtype) \
-            if sharded and cfg.rollout.engine == "torch" else None
-        ref = frozen_copy(self.model, self.engine_dtype) if cfg.algo.kl_coef > 0 else None
-        self.ref_model = wrap(TokenLogprobs(ref), "fsdp", self.world, compute) if sharded and ref else ref
-        if cfg.train.activation_checkpointing:
-            checkpoint_activations(self.model)
-        self.policy = wrap(TokenLogprobs(self.model), self.parallel, self.world, compute)
+        if self.parallel == "fsdp":
+            self._load_sharded("float32" if master else cfg.model.dtype, compute)
+        else:
+            self._load_whole(compute)
+        self.layout, self.tree_attention = self._resolve_layout()
         self.task = task_of(cfg)
         self.scorer = self.task.scorer(cfg.rollout.reward_timeout_s)
         self.train_prompts = self._encode(self.task.train)
@@ -136,6 +137,33 @@ class Trainer:
         if cfg.run.resume == "auto":
             self._resume()
         self.sync_weights()
+
+    def _load_whole(self, compute: str) -> None:
+        """Every rank loads the whole model: one process, or DDP's replicas."""
+        cfg = self.cfg
+        self.model, self.tokenizer = load_policy(cfg.model.path, self.device, cfg.model.dtype,
+                                                 cfg.model.attn_implementation, cfg.model.trust_remote_code,
+                                                 task=cfg.data.task)
+        self.rollout_weights = None
+        self.ref_model = frozen_copy(self.model) if cfg.algo.kl_coef > 0 else None
+        if cfg.train.activation_checkpointing:
+            checkpoint_activations(self.model)
+        self.policy = wrap(TokenLogprobs(self.model), self.parallel, self.world, compute)
+
+    def _load_sharded(self, dtype: str, compute: str) -> None:
+        """Rank 0 alone loads the whole model (into CPU memory); every rank keeps its shards of it, of the
+        reference model and, for TorchEngine, an empty replica gathered whole before each rollout and freed for
+        the update (SGLang holds its own copy)."""
+        cfg, m = self.cfg, self.cfg.model
+        s = shard_from_rank0(
+            lambda: load_policy(m.path, torch.device("cpu"), dtype, m.attn_implementation, m.trust_remote_code,
+                                task=cfg.data.task)[0],
+            self.world, self.device, param_dtype=compute,
+            ref_dtype=self.engine_dtype if cfg.algo.kl_coef > 0 else None, ref_offload=cfg.train.ref_offload,
+            replica_dtype=self.engine_dtype if cfg.rollout.engine == "torch" else None,
+            activation_checkpointing=cfg.train.activation_checkpointing, trust_remote_code=m.trust_remote_code)
+        self.model, self.policy, self.ref_model, self.rollout_weights = s.lm, s.policy, s.ref, s.replica
+        self.tokenizer = load_tokenizer(m.path, m.trust_remote_code, cfg.data.task)
 
     @property
     def update_settings(self) -> UpdateSettings:

@@ -66,3 +66,15 @@ def test_schedule_is_checked():
     assert load_config([]).rollout.schedule == "continuous"
     with pytest.raises(ConfigError, match="rollout.schedule"):
         load_config(["rollout.schedule=sometimes"])
+
+
+def test_ref_offload_needs_fsdp_and_a_reference(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(ConfigError, match=r"train.ref_offload: .*launch under torchrun"):
+        load_config(["train.ref_offload=true"])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=r"train.ref_offload: .*use train.parallel=fsdp \(not ddp\)"):
+        load_config(["train.ref_offload=true", "train.parallel=ddp"])
+    with pytest.raises(ConfigError, match="train.ref_offload: algo.kl_coef is 0"):
+        load_config(["train.ref_offload=true", "algo.kl_coef=0"])
+    assert load_config(["train.ref_offload=true"]).train.ref_offload
