@@ -55,6 +55,10 @@ class World:
     def sum(self, value: float) -> float:
         return self._reduce([value], dist.ReduceOp.SUM)[0]
 
+    def sums(self, values: Sequence[float]) -> list[float]:
+        """Each of `values` summed over the ranks, in one collective."""
+        return self._reduce(values, dist.ReduceOp.SUM)
+
     def max(self, value: float) -> float:
         return self._reduce([value], dist.ReduceOp.MAX)[0]
 

@@ -310,8 +310,9 @@ class Trainer:
         if self.rollout_weights is not None:  # what the engine's whole replica holds while a rollout runs
             local["perf/rollout_weights_mb"] = self.rollout_weights.bytes / 2**20
         local["timing/step"] = time.perf_counter() - start
+        # the update's statistics are already the global batch's, the same on every rank (ppo_update reduced them)
         return self.world.reduce_metrics({
-            **rollout.parts, **parts_of(update, weight=float(batch.mult.sum())), **parts_of(local),
+            **rollout.parts, **parts_of(update), **parts_of(local),
             "ib/score_mean": mean_of(w.ib_score), "ib/cov_eta": mean_of(w.cov_eta),
             "perf/tokens_per_s": (float(rollout.generated_tokens.sum()), rollout.metrics["timing/rollout"]),
         })

@@ -15,7 +15,8 @@ With `max_tokens_per_micro_batch` a mini-batch runs as micro-batches of rows who
 (rows x widest row) stays within the budget, each one forward and backward, the gradients
 accumulated before the one optimizer step: every micro-batch divides by its whole mini-batch's
 normaliser, so the update is the unsplit one. Ranks agree on the number of micro-batches (a rank with
-fewer rows runs zero-weight ones), so all run the same collectives.
+fewer rows runs zero-weight ones), so all run the same collectives. The loss statistics returned are
+those of the global mini-batches, reduced over the ranks, so every rank returns the same.
 """
 from __future__ import annotations
 
@@ -71,8 +72,8 @@ def ppo_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: 
                world: World = SINGLE) -> dict[str, float]:
     """`settings.ppo_epochs` passes over `batch` in `settings.mini_batches` shuffled mini-batches (numpy's
     global RNG), one optimizer step each: the same number on every rank of `world`, each of which must hold
-    at least `mini_batches` rows. Returns the loss statistics averaged over mini-batches and
-    `train/skipped_minibatches`."""
+    at least `mini_batches` rows. Returns the loss statistics of the global mini-batches (all ranks' rows), averaged
+    over mini-batches, and `train/skipped_minibatches`."""
     if settings.kl_coef > 0 and ref_model is None:
         raise ValueError("kl_coef > 0 needs a reference model")
     if batch.num_rows < settings.mini_batches:  # fewer steps here than on other ranks would stall them all
@@ -131,21 +132,42 @@ def micro_batches(mb: TrainBatch, max_tokens: int) -> list[np.ndarray]:
 
 def _minibatch_step(policy: torch.nn.Module, optimizer: torch.optim.Optimizer, mb: TrainBatch,
                     settings: UpdateSettings, ref_logp: torch.Tensor | None, world: World) -> dict[str, float]:
-    """One optimizer step on mini-batch `mb`: its loss statistics and `actor/grad_norm` (NaN: skipped)."""
+    """One optimizer step on mini-batch `mb`: the loss statistics of the global mini-batch (every rank's rows)
+    and `actor/grad_norm` (NaN: skipped)."""
     optimizer.zero_grad(set_to_none=True)
     if not settings.max_tokens_per_micro_batch:
         loss, stats = minibatch_loss(policy, mb, settings, ref_logp, world)
         finite = _backward(loss, world)
+        weight = _weight(mb, settings, world)
     else:
-        stats, finite = _accumulate(policy, mb, settings, ref_logp, world)
+        stats, weight, finite = _accumulate(policy, mb, settings, ref_logp, world)
+    stats = _over_ranks(stats, weight, world) if stats else stats  # empty on every rank alike: a skipped split
     stats["actor/grad_norm"] = _step(policy, optimizer, finite, settings.grad_clip)
     return stats
 
 
+def _weight(mb: TrainBatch, settings: UpdateSettings, world: World) -> float:
+    """The loss weight of `mb`'s tokens, before any normaliser: what weights its loss statistics' means."""
+    return float(_coefficients(mb, settings, world, 1.0).sum())
+
+
+def _over_ranks(stats: dict[str, float], weight: float, world: World) -> dict[str, float]:
+    """One mini-batch's statistics over every rank's share of it (each rank's `stats` weighted by its loss
+    `weight`, maxima maxed), as one process computes them on the whole mini-batch: the same on every rank."""
+    if world.size == 1:
+        return stats
+    means = sorted(k for k in stats if k != "actor/ratio_max")
+    totals = world.sums([stats[k] * weight for k in means] + [weight])
+    out = {k: v / totals[-1] if totals[-1] > 0 else 0.0 for k, v in zip(means, totals)}
+    if "actor/ratio_max" in stats:
+        out["actor/ratio_max"] = world.max(stats["actor/ratio_max"])
+    return out
+
+
 def _accumulate(policy: torch.nn.Module, mb: TrainBatch, settings: UpdateSettings, ref_logp: torch.Tensor | None,
-                world: World) -> tuple[dict[str, float], bool]:
+                world: World) -> tuple[dict[str, float], float, bool]:
     """Forward and backward of each micro-batch of `mb`, gradients accumulating; the statistics weighted as
-    the unsplit mini-batch's, and whether every loss was finite on every rank."""
+    the unsplit mini-batch's, their loss weight, and whether every loss was finite on every rank."""
     norm = world.sum(loss_normaliser(settings.loss_agg, mb.mult, mb.seq_share, mb.num_traj))
     groups: list[np.ndarray | None] = list(micro_batches(mb, settings.max_tokens_per_micro_batch))
     groups += [None] * (int(world.max(len(groups))) - len(groups))  # None: a zero-weight pass, for the collectives
@@ -158,10 +180,10 @@ def _accumulate(policy: torch.nn.Module, mb: TrainBatch, settings: UpdateSetting
         if rows is None:
             loss = loss * 0.0
         if not _backward(loss, world):
-            return {}, False
+            return {}, 0.0, False
         if rows is not None:
-            parts.append((s, float(_coefficients(sub, settings, world, 1.0).sum())))
-    return _combine(parts), True
+            parts.append((s, _weight(sub, settings, world)))
+    return _combine(parts), sum(w for _, w in parts), True
 
 
 def _combine(parts: list[tuple[dict[str, float], float]]) -> dict[str, float]:

@@ -66,7 +66,7 @@ def main(out: Path) -> None:
         counts = world.gather(len(micro_batches(batch, budget)) if budget else 1)
         if world.is_main:
             name = "-".join(filter(None, (parallel, param_dtype, "micro" * bool(budget), "ckpt" * ckpt, layout)))
-            torch.save({"loss": loss, "grad_norm": stats["actor/grad_norm"], "grads": grads, "micro_batches": counts,
+            torch.save({"loss": loss, "grad_norm": stats["actor/grad_norm"], "grads": grads, "micro_batches": counts, "stats": stats,
                         "weights": {k[len(prefix):]: v for k, v in full.items()}}, out / f"{name}.pt")
 
 

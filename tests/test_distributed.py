@@ -61,6 +61,9 @@ def updates(tmp_path_factory):
 
 def assert_same_update(want, got):
     assert got["loss"] == pytest.approx(want["loss"], rel=1e-5, abs=1e-7)
+    assert want["stats"].keys() == got["stats"].keys() and "actor/pg_clipfrac" in want["stats"]
+    for key, value in want["stats"].items():  # the global batch's statistics, not rank 0's
+        assert got["stats"][key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
     assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5)
     assert want["grad_norm"] > 0
     assert want["weights"].keys() == got["weights"].keys() and want["grads"].keys() == got["grads"].keys()
