@@ -248,10 +248,41 @@ def test_bad_batches_and_settings_are_refused(grown, tiny):
             verl_adapter.check_trainer(reward_model)
     with pytest.raises(ValueError, match="reward manager 'dapo'"):
         verl_adapter.check_trainer({"reward": {"reward_manager": {"name": "dapo"}}})
-    verl_adapter.check_trainer({"reward": {"reward_model": {"enable": False}, "reward_manager": {"name": "naive"}},
-                                "reward_model": {"enable": None, "reward_manager": None}})  # verl 0.9.1's defaults
+    for manager_module in ({"reward": {"reward_manager": {"source": "importlib", "name": "naive", "module": {"path": "m.py"}}}},
+                           {"reward_model": {"reward_loop_source": "importlib"}}):  # verl's legacy key for the same
+        with pytest.raises(ValueError, match="reward.reward_manager.source='importlib'"):
+            verl_adapter.check_trainer(manager_module)
+    defaults = {"reward": {"reward_model": {"enable": False}, "reward_manager": {"source": "register", "name": "naive"}},
+                "reward_model": {"enable": None, "reward_manager": None, "reward_loop_source": None}}  # verl 0.9.1's
+    verl_adapter.check_trainer(defaults)
     with pytest.raises(ValueError, match="build this manager with create"):
         manager.generate_sequences(SimpleNamespace(meta_info={"validate": True}, non_tensor_batch={}))
+
+
+async def async_compute_score(data_source, solution_str, ground_truth, extra_info=None):
+    await asyncio.sleep(0)
+    return compute_score(data_source, solution_str, ground_truth, extra_info)
+
+
+def leaf_rewards_and_grades(groups, tok, problems) -> tuple[list[float], list[float]]:
+    """Each leaf's reward in the tree, and compute_score's grade of its response (0 where it was cut)."""
+    forest, rewards, grades = groups.rollout.forest, [], []
+    for t in forest.trajectories():
+        cut = groups.rollout.finish_reason[t.leaf] == "length"
+        text = tok.decode(t.input_ids[t.prompt_len :].tolist(), skip_special_tokens=True)
+        rewards.append(float(forest.reward[t.leaf]))
+        grades.append(0.0 if cut else compute_score("arithmetic", text, problems[t.tree].answer))
+    return rewards, grades
+
+
+def test_an_async_reward_function_is_awaited(tiny):
+    model, tok = tiny
+    problems = make_split("test", 1)
+    manager = IBTreeAgentLoopManager(verl_config(), TorchServerClient(TorchEngine(model, tokenizer=tok)), tokenizer=tok,
+                                     compute_score=async_compute_score,
+                                     encode_prompt=lambda row: tok.encode(row["raw_prompt"][0]["content"], add_special_tokens=False))
+    rewards, grades = leaf_rewards_and_grades(manager.grow(repeated(dataset_rows(problems))), tok, problems)
+    assert rewards == grades and manager.scorer.stats()["reward/errors"] == 0
 
 
 def test_validation_batches_go_to_verls_own_manager(tiny):
@@ -372,3 +403,22 @@ def test_real_verl_trainer_flow_carries_the_advantages_to_the_estimator(tiny):
     compute_advantage = real_verl("verl.trainer.ppo.ray_trainer").compute_advantage
     data = compute_advantage(full, adv_estimator="ibtpo", config=config.algorithm)
     torch.testing.assert_close(data.batch["advantages"], expected[perm], rtol=0, atol=0)
+
+
+def test_real_verl_loads_an_async_custom_reward_function_that_the_tree_awaits(tiny, tmp_path):
+    """verl's own loader (the one create() uses) wraps an `async def` compute_score in a coroutine function."""
+    get_custom_reward_fn = real_verl("verl.trainer.ppo.reward").get_custom_reward_fn
+    from omegaconf import OmegaConf
+
+    module = tmp_path / "async_reward.py"
+    module.write_text("from ibtpo_fast.tasks import compute_score as grade\n\n\n"
+                      "async def compute_score(data_source, solution_str, ground_truth, extra_info=None):\n"
+                      "    return grade(data_source, solution_str, ground_truth, extra_info)\n")
+    config = OmegaConf.create({"reward": {"custom_reward_function": {"path": str(module), "name": "compute_score"}}})
+    model, tok = tiny
+    problems = make_split("test", 1)
+    manager = IBTreeAgentLoopManager(verl_config(), TorchServerClient(TorchEngine(model, tokenizer=tok)), tokenizer=tok,
+                                     compute_score=get_custom_reward_fn(config),
+                                     encode_prompt=lambda row: tok.encode(row["raw_prompt"][0]["content"], add_special_tokens=False))
+    rewards, grades = leaf_rewards_and_grades(manager.grow(repeated(dataset_rows(problems))), tok, problems)
+    assert rewards == grades and manager.scorer.stats()["reward/errors"] == 0

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import inspect
 import threading
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -168,6 +169,12 @@ def check_trainer(config: Mapping) -> None:
     if managers:
         raise ValueError(f"reward manager {sorted(managers)[0]!r}: the tree scores each leaf with compute_score as verl's "
                          f"'naive' manager does, so another manager's shaping would be skipped; use 'naive'")
+    # a manager class loaded from a module (verl's legacy reward_model.reward_loop_source migrates to this source)
+    sources = {_path(config, "reward.reward_manager.source"), _path(config, "reward_model.reward_loop_source")} - {None, "register"}
+    if sources:
+        raise ValueError(f"reward.reward_manager.source={sorted(sources)[0]!r}: a reward manager loaded from a module would be "
+                         f"skipped, since the tree scores each leaf with compute_score as verl's 'naive' manager does; "
+                         f"use source 'register' with name 'naive', and put the scoring in reward.custom_reward_function")
 
 
 def _path(config: Mapping, dotted: str) -> Any:
@@ -209,8 +216,8 @@ class IBTreeAgentLoopManager:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         template_kwargs = dict(config.get("data", {}).get("apply_chat_template_kwargs") or {})
         self.encode_prompt = encode_prompt or chat_prompt_ids(tokenizer, template_kwargs)
-        self.scorer = RewardScorer(compute_score)
         self.engine = VerlServerEngine(llm_client, SEED_KEYS.get(rollout.get("name")))
+        self.scorer = RewardScorer(awaited(compute_score, self.engine.loop))
         self.sticky = not rollout.get("full_determinism", False)
         self.sampler = IBTreeSampler(self.engine, tokenizer, self._reward, self.sampler_config)
 
@@ -293,6 +300,18 @@ class IBTreeAgentLoopManager:
             "rollout_log_probs": _pad(leaves.rollout_logprobs[order], R, 0.0), "rm_scores": rm_scores,
             ADVANTAGE_KEY: _pad(leaves.advantages[order], R, 0.0),
         }
+
+
+def awaited(fn: Callable[..., Any], loop: asyncio.AbstractEventLoop) -> Callable[..., Any]:
+    """`fn` called synchronously: verl loads an `async def` custom reward function as a coroutine function,
+    whose call must be awaited (here on the engine's loop) to give the score."""
+    if not inspect.iscoroutinefunction(fn):
+        return fn
+
+    def call(*args: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(fn(*args), loop).result()
+
+    return call
 
 
 def chat_prompt_ids(tokenizer: Any, template_kwargs: Mapping[str, Any]) -> Callable[[Mapping[str, Any]], list[int]]:
