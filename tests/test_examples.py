@@ -109,16 +109,44 @@ def test_the_slime_launch_line_passes_the_adapters_checks_with_slimes_options(mo
     slime_adapter._check_args(args)
 
 
+def verl_config_tree() -> tuple:
+    """hydra and verl's config directory; skipped without verl, except where IBTPO_REAL_VERL=1 (CI's verl
+    environment, where a missing verl must fail, not skip)."""
+    if os.environ.get("IBTPO_REAL_VERL") != "1":
+        pytest.importorskip("hydra", reason="hydra comes with verl, in CI's verl environment")
+        pytest.importorskip("verl", reason="verl is installed in CI's verl environment only")
+    hydra = importlib.import_module("hydra")
+    spec = importlib.util.find_spec("verl")
+    return hydra, Path(spec.submodule_search_locations[0]) / "trainer" / "config"
+
+
+def test_verls_own_defaults_pass_and_its_unsupported_routes_are_refused_by_name():
+    """verl's ppo_trainer as Hydra composes it: its default trainer is V1, which the manager refuses; its reward
+    defaults pass; a reward model or a manager class from a module is refused."""
+    hydra, tree = verl_config_tree()
+    from omegaconf import OmegaConf
+
+    def composed(*overrides: str) -> dict:
+        with hydra.initialize_config_dir(config_dir=str(tree), version_base=None):
+            return OmegaConf.to_container(hydra.compose("ppo_trainer", overrides=list(overrides)))
+
+    with pytest.raises(ValueError, match=r"legacy trainer, trainer\.use_v1=False: the V1 trainer"):
+        verl_adapter.check_trainer(composed())
+    verl_adapter.check_trainer(composed("trainer.use_v1=False"))
+    with pytest.raises(ValueError, match=r"reward\.reward_model\.enable=True"):
+        verl_adapter.check_trainer(composed("trainer.use_v1=False", "reward.reward_model.enable=True"))
+    with pytest.raises(ValueError, match="reward.reward_manager.source='importlib'"):
+        verl_adapter.check_trainer(composed("trainer.use_v1=False", "reward.reward_manager.source=importlib"))
+    with pytest.raises(ValueError, match="reward manager 'dapo'"):
+        verl_adapter.check_trainer(composed("trainer.use_v1=False", "reward.reward_manager.name=dapo"))
+
+
 def test_the_verl_config_composes_on_verls_own_config_tree(tmp_path):
     """In CI's verl environment: Hydra composes the example over verl's ppo_trainer, and the result passes
     the adapter's checks (verl's defaults filled in, the example's settings kept)."""
-    hydra = pytest.importorskip("hydra", reason="hydra comes with verl, in CI's verl environment")
-    spec = importlib.util.find_spec("verl")
-    if spec is None:
-        pytest.skip("verl is installed in CI's verl environment only")
+    hydra, tree = verl_config_tree()
     from omegaconf import OmegaConf
 
-    tree = Path(spec.submodule_search_locations[0]) / "trainer" / "config"
     text = (EXAMPLES / "verl_ibtpo.yaml").read_text()
     assert "pkg://verl.trainer.config" in text
     (tmp_path / "verl_ibtpo.yaml").write_text(text.replace("pkg://verl.trainer.config", tree.as_uri()))

@@ -1,14 +1,15 @@
 """ibtpo_fast.integrations.verl: trees grown through the agent-loop manager, and the `ibtpo` estimator.
 
-verl 0.9.1 pins transformers < 5.11 and is not installed beside this project, so most tests are contract
-tests against verl 0.9.1's source: the stand-in for its `LLMServerClient` (verl/workers/rollout/
-llm_server.py: async `generate(request_id, *, prompt_ids, sampling_params) -> TokenOutput`, stop_reason
-"completed" for a stop and a cut alike) answers by generating with a real TorchEngine on the bundled tiny
-model, the prompts come as RayPPOTrainer.fit hands them over (each row `rollout.n` times under one uid,
-verl/protocol.py `repeat(interleave=True)`), and the estimator is called with the keywords
-ray_trainer.compute_advantage passes. The tests behind `importorskip("verl...")` run verl's real code:
-the estimator registry, DataProto's repeat / union / reorder as fit() uses them, LLMServerClient.generate
-(its Ray actor handles stood in for in-process) with verl's TokenOutput, and compute_advantage.
+verl's rollout servers need GPUs, and verl 0.9.1 (which pins transformers < 5.11) is installed only in CI's
+verl environment, so most tests are contract tests against verl 0.9.1's source: the stand-in for its
+`LLMServerClient` (verl/workers/rollout/llm_server.py: async `generate(request_id, *, prompt_ids,
+sampling_params) -> TokenOutput`, stop_reason "completed" for a stop and a cut alike) answers by generating
+with a real TorchEngine on the bundled tiny model, the prompts come as RayPPOTrainer.fit hands them over
+(each row `rollout.n` times under one uid, verl/protocol.py `repeat(interleave=True)`), and the estimator is
+called with the keywords ray_trainer.compute_advantage passes. The tests behind `importorskip("verl...")`
+run verl's real code: the estimator registry, DataProto's repeat / union / reorder as fit() uses them,
+LLMServerClient.generate (its Ray actor handles stood in for in-process) with verl's TokenOutput,
+compute_advantage, and verl's custom-reward loader.
 """
 import asyncio
 import importlib.util
@@ -239,7 +240,7 @@ def test_bad_batches_and_settings_are_refused(grown, tiny):
         manager.grow(rows)
     with pytest.raises(ValueError, match=r"unknown ibtpo option\(s\) \['temperature'\]"):
         IBTreeAgentLoopManager(verl_config(temperature=0.5), object(), tokenizer=tiny[1], compute_score=compute_score)
-    with pytest.raises(ValueError, match="trainer.use_v1=False"):
+    with pytest.raises(ValueError, match="legacy trainer, trainer.use_v1=False: the V1 trainer"):
         verl_adapter.check_trainer({"trainer": {"use_v1": True}})
     with pytest.raises(ValueError, match="use_kl_loss"):
         verl_adapter.check_trainer({"algorithm": {"use_kl_in_reward": True}})

@@ -157,8 +157,10 @@ def sampler_settings(config: Mapping, stop_token_ids: Sequence[int]) -> tuple[Sa
 def check_trainer(config: Mapping) -> None:
     """The trainer settings this route needs, refused before any rollout."""
     if config.get("trainer", {}).get("use_v1", False):
-        raise ValueError("IBTreeAgentLoopManager needs trainer.use_v1=False: verl 0.9.1's V1 trainer fetches only uid, "
-                         f"response_mask and rm_scores for the estimator, so the step advantages in {ADVANTAGE_KEY!r} cannot reach it")
+        raise ValueError("IBTreeAgentLoopManager needs verl's legacy trainer, trainer.use_v1=False: the V1 trainer "
+                         "(trainer.use_v1=True, verl 0.9.1's default) fetches from TransferQueue only uid, response_mask, "
+                         f"rm_scores, log-probs and values for the estimator, so the step advantages in {ADVANTAGE_KEY!r} "
+                         "cannot reach it")
     if config.get("algorithm", {}).get("use_kl_in_reward", False):
         raise ValueError(_KL_IN_REWARD)
     if _path(config, "reward.reward_model.enable") or _path(config, "reward_model.enable"):
