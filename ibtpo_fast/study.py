@@ -120,9 +120,23 @@ def timing_of(path: Path) -> list[float]:
     return [r["timing/step"] for r in read_metrics(path / "metrics.jsonl") if r["step"] > 0]
 
 
+def read_runs(runs_json: Path) -> dict[str, Any]:
+    """A study's runs.json, or a UserError naming the file and what is wrong with it."""
+    try:
+        data = json.loads(runs_json.read_text())
+    except OSError as e:
+        raise UserError(f"--report {runs_json}: cannot read it ({e.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"--report {runs_json}: not JSON ({e}); give the runs.json a study wrote") from None
+    missing = [k for k in ("command", "presets", "runs") if not isinstance(data, dict) or k not in data]
+    if missing:
+        raise UserError(f"--report {runs_json}: not a study's runs.json (missing {', '.join(missing)})")
+    return data
+
+
 def write_report(runs_json: Path) -> str:
     """results.md and plots/ beside `runs_json`, from it alone."""
-    data = json.loads(runs_json.read_text())
+    data = read_runs(runs_json)
     groups = study_report.by_preset(data)
     text = f"`{data['command']}`\n\n{study_report.report(groups, study_report.codes(data))}"
     (runs_json.parent / "results.md").write_text(text)

@@ -138,3 +138,16 @@ def test_select_names_a_file_that_is_not_a_sampling_table(tmp_path, capsys):
         study.main(["--select", str(bad), str(tmp_path / "missing.json"), "--out", str(tmp_path)])
     assert stop.value.code == 2 and f"{bad} is not a sampling.json" in capsys.readouterr().err
     assert not (tmp_path / "selection.md").exists()
+
+
+@pytest.mark.parametrize(("text", "says"), [(None, "cannot read it"), ("{runs", "not JSON"),
+                                             ('{"command": "x"}', "not a study's runs.json (missing presets, runs)"),
+                                             ("[1]", "not a study's runs.json (missing command, presets, runs)")])
+def test_report_names_a_missing_or_malformed_runs_json(tmp_path, capsys, text, says):
+    path = tmp_path / "runs.json"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(SystemExit) as stop:
+        study.main(["--report", str(path)])
+    assert stop.value.code == 2 and f"--report {path}: {says}" in capsys.readouterr().err
+    assert not (tmp_path / "results.md").exists()
