@@ -1,6 +1,8 @@
 """The study command end to end on a 2-step, 2-seed run, and its statistics."""
 import json
+import shutil
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -151,3 +153,17 @@ def test_report_names_a_missing_or_malformed_runs_json(tmp_path, capsys, text, s
         study.main(["--report", str(path)])
     assert stop.value.code == 2 and f"--report {path}: {says}" in capsys.readouterr().err
     assert not (tmp_path / "results.md").exists()
+
+
+COMMITTED = sorted((Path(__file__).parents[1] / "docs" / "study" / "confirmatory").glob("*/runs.json"))
+
+
+def test_a_committed_study_is_present():
+    assert COMMITTED, "docs/study/confirmatory/ holds no runs.json"
+
+
+@pytest.mark.parametrize("runs_json", COMMITTED, ids=[p.parent.name for p in COMMITTED])
+def test_committed_results_regenerate_from_their_runs_json(tmp_path, runs_json):
+    shutil.copy(runs_json, tmp_path / "runs.json")
+    assert study.main(["--report", str(tmp_path / "runs.json")]) == 0
+    assert (tmp_path / "results.md").read_text() == (runs_json.parent / "results.md").read_text()
