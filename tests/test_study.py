@@ -167,3 +167,24 @@ def test_committed_results_regenerate_from_their_runs_json(tmp_path, runs_json):
     shutil.copy(runs_json, tmp_path / "runs.json")
     assert study.main(["--report", str(tmp_path / "runs.json")]) == 0
     assert (tmp_path / "results.md").read_text() == (runs_json.parent / "results.md").read_text()
+
+
+FINISHED = sorted((Path(__file__).parents[1] / "docs" / "study" / "confirmatory").glob("*/finished-runs/*/*"))
+
+
+@pytest.mark.parametrize("path", FINISHED, ids=[f"{p.parents[2].name}/{p.parent.name}/{p.name}" for p in FINISHED])
+def test_committed_finished_runs_are_whole(path):
+    """A study in progress commits its finished runs' records, from which another machine resumes it:
+    each is finished, and reads as runs.json keeps a run, every evaluation with every problem's count."""
+    preset, seed = path.name.rsplit("-seed", 1)
+    config = json.loads((path / study.RUN_RECORD).read_text())["config"]
+    assert config["preset"] == preset and config["train"]["seed"] == int(seed)
+    assert study.is_finished(path, config["train"]["steps"])
+    if path.parent.name == "timing":  # a timing run: every step's seconds, no evaluation
+        assert len(study.timing_of(path)) == config["train"]["steps"]
+        return
+    entry = study.run_entry(path, preset, int(seed), None)
+    every = config["train"]["eval_every"]
+    want = [0, *range(every, config["train"]["steps"] + 1, every)] if every else []
+    assert [e["step"] for e in entry["evals"]] == want
+    assert all(len(e["correct"]) == config["data"]["val_size"] for e in entry["evals"])
