@@ -184,7 +184,6 @@ def test_committed_finished_runs_are_whole(path):
         assert len(study.timing_of(path)) == config["train"]["steps"]
         return
     entry = study.run_entry(path, preset, int(seed), None)
-    every = config["train"]["eval_every"]
-    want = [0, *range(every, config["train"]["steps"] + 1, every)] if every else []
-    assert [e["step"] for e in entry["evals"]] == want
+    every, steps = config["train"]["eval_every"], config["train"]["steps"]
+    assert [e["step"] for e in entry["evals"]] == [0, *range(every, steps + 1, every)]  # the study's schedule
     assert all(len(e["correct"]) == config["data"]["val_size"] for e in entry["evals"])
