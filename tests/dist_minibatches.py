@@ -10,7 +10,7 @@ import torch
 from dist_update import global_forest
 
 from ibtpo_fast.config import TrainConfig
-from ibtpo_fast.distributed import init_world, wrap
+from ibtpo_fast.distributed import close_world, init_world, wrap
 from ibtpo_fast.loading import load_policy, load_task
 from ibtpo_fast.policy import TokenLogprobs
 from ibtpo_fast.trainer import pack_batch
@@ -44,6 +44,7 @@ def main(out: Path) -> None:
         seen[f"{parallel}-{layout}-{attention}-{budget}"] = {"rows": batch.num_rows, "steps": len(steps),
                                                              "grad_norm": stats["actor/grad_norm"]}
     (out / f"rank{world.rank}.json").write_text(json.dumps(seen))
+    close_world()  # no rank exits while a peer still uses the group: gloo aborts it
 
 
 if __name__ == "__main__":

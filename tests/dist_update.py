@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from ibtpo_fast.distributed import init_world, whole, wrap
+from ibtpo_fast.distributed import close_world, init_world, whole, wrap
 from ibtpo_fast.engines.torch_engine import TorchEngine
 from ibtpo_fast.loading import load_policy, load_task, stop_token_ids
 from ibtpo_fast.packing import flatten, pack_trees
@@ -68,6 +68,7 @@ def main(out: Path) -> None:
             name = "-".join(filter(None, (parallel, param_dtype, "micro" * bool(budget), "ckpt" * ckpt, layout)))
             torch.save({"loss": loss, "grad_norm": stats["actor/grad_norm"], "grads": grads, "micro_batches": counts, "stats": stats,
                         "weights": {k[len(prefix):]: v for k, v in full.items()}}, out / f"{name}.pt")
+    close_world()  # no rank exits while a peer still uses the group: gloo aborts it
 
 
 if __name__ == "__main__":
